@@ -1,0 +1,56 @@
+"""Step 2 of RLHF: a reward model trained on chosen/rejected pairs, with TRL's RewardTrainer.
+
+    accelerate launch --config_file accelerate_config.yaml reward.py --config recipes/opt-1.3b/reward.yaml
+    python reward.py --config recipes/demo/reward.yaml --model_name_or_path out/demo/sft   # start from SFT output
+
+The model is AutoModelForSequenceClassification with one label: it scores the last real token of prompt + answer.
+With LoRA the task type is SEQ_CLS, so the new score head is trained and saved with the adapter.
+Accuracy (chosen scored above rejected) and mean margin are reported on the eval rows.
+"""
+
+from transformers import AutoModelForSequenceClassification
+from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
+
+import common
+
+
+@common.exit_on_user_error
+def main(data_args: common.DataArguments, training_args: RewardConfig, model_args: ModelConfig):
+    common.setup_logging(training_args.process_index == 0)
+    common.check_model_flags(model_args)
+    model_path = common.resolve_model_path(model_args.model_name_or_path)
+    tokenizer = common.load_tokenizer(model_path)
+    resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+
+    # Tokenize here, not in RewardTrainer: it would silently drop every pair longer than max_length.
+    with training_args.main_process_first(desc="tokenizing"):
+        train, evaluation = common.prepare_step_data(data_args, tokenizer, "reward", training_args.max_length)
+
+    model = common.load_model(model_args, AutoModelForSequenceClassification, num_labels=1)
+    # The score is read at the last token that is not padding, so the model must know the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model_args.use_peft and model_args.lora_task_type == "CAUSAL_LM":
+        model_args.lora_task_type = "SEQ_CLS"  # trains and saves the new score head with the adapter
+    trainer = RewardTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=common.trainer_callbacks(),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+
+    metrics = trainer.evaluate(evaluation)
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    common.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter,
+                               AutoModelForSequenceClassification)
+    trainer.accelerator.print(f"Reward model done: eval accuracy {metrics['eval_accuracy']:.3f}, mean margin "
+                              f"{metrics['eval_margin']:.3f}, model in {training_args.output_dir}")
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(*common.parse_args((common.DataArguments, RewardConfig, ModelConfig)))

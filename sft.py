@@ -1,0 +1,68 @@
+"""Step 1 of RLHF: supervised fine-tuning on prompt + chosen answer, with TRL's SFTTrainer.
+
+    accelerate launch --config_file accelerate_config.yaml sft.py --config recipes/opt-1.3b/sft.yaml
+    python sft.py --config recipes/demo/sft.yaml --lora_r 16     # any option from the YAML can be overridden
+
+The loss is on the answer only by default (`--completion_only_loss false` trains on the whole sequence).
+Perplexity (exp of the eval loss) is reported at every evaluation and at the end.
+"""
+
+import math
+
+from transformers import AutoModelForCausalLM
+from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
+
+import common
+
+
+def add_perplexity(metrics: dict) -> dict:
+    """Perplexity from a mean token cross-entropy, for every *loss key of an eval log."""
+    for key in [k for k in metrics if k.endswith("eval_loss")]:
+        metrics[key.replace("eval_loss", "eval_perplexity")] = math.exp(min(metrics[key], 50.0))
+    return metrics
+
+
+class PerplexitySFTTrainer(SFTTrainer):
+    """SFTTrainer that also logs eval_perplexity wherever it logs eval_loss."""
+
+    def log(self, logs, start_time=None):
+        super().log(add_perplexity(logs), start_time)
+
+
+@common.exit_on_user_error
+def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: ModelConfig):
+    common.setup_logging(training_args.process_index == 0)
+    common.check_model_flags(model_args)
+    model_path = common.resolve_model_path(model_args.model_name_or_path)
+    tokenizer = common.load_tokenizer(model_path)
+    resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+
+    # Tokenize here, not in SFTTrainer: it would cut long rows from the right and lose the answer.
+    with training_args.main_process_first(desc="tokenizing"):
+        train, evaluation = common.prepare_step_data(data_args, tokenizer, "sft", training_args.max_length)
+    if training_args.completion_only_loss is None:
+        training_args.completion_only_loss = True  # our default: learn the answers, not the prompts
+
+    model = common.load_model(model_args, AutoModelForCausalLM)
+    trainer = PerplexitySFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation if training_args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=common.trainer_callbacks(),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+
+    metrics = add_perplexity(trainer.evaluate(evaluation))
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    common.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter, AutoModelForCausalLM)
+    trainer.accelerator.print(f"SFT done: eval perplexity {metrics['eval_perplexity']:.3f}, model in "
+                              f"{training_args.output_dir}")
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(*common.parse_args((common.DataArguments, SFTConfig, ModelConfig)))
