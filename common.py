@@ -38,6 +38,12 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit code 2, no traceback."""
 
 
+def describe(error: Exception) -> str:
+    """`Type: first line of the message`, short enough for a one-line error."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
 def exit_on_user_error(main):
     """Run `main`; turn a UserError into `error: ...` on stderr and exit code 2."""
 
@@ -237,6 +243,8 @@ def load_raw_dataset(data_args: DataArguments):
             raise UserError(f"--dataset_name {name}: no such file or folder; give a .jsonl/.json/.parquet file, a "
                             "folder of train/test files, a folder saved by `datasets`, or a hub dataset id")
         if path.is_file():
+            if path.stat().st_size == 0:
+                raise UserError(f"--dataset_name {name}: no rows (the file is empty); add rows in rm-static schema")
             builder = DATA_EXTENSIONS.get(path.suffix)
             if builder is None:
                 raise UserError(f"--dataset_name {name}: unsupported file type {path.suffix!r}; use .jsonl, .json or "
@@ -260,8 +268,7 @@ def load_raw_dataset(data_args: DataArguments):
     try:
         return datasets.load_dataset(name, data_args.dataset_config)
     except Exception as error:  # offline, a typo, a private repo: all say the same to the user
-        raise UserError(f"--dataset_name {name}: could not load it from the hub ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:200]}); check the id, or pre-download it (see README, Offline)")
+        raise UserError(f"--dataset_name {name}: could not load it from the hub ({describe(error)}); check the id, or pre-download it (see README, Offline)")
 
 
 def _load_files(builder: str, files: dict, name: str):
@@ -270,8 +277,9 @@ def _load_files(builder: str, files: dict, name: str):
     try:
         return datasets.load_dataset(builder, data_files=files)
     except Exception as error:
-        raise UserError(f"--dataset_name {name}: could not read {builder} data ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0][:200]}); check the file is valid {builder}")
+        if "corresponds to no data" in str(error):
+            raise UserError(f"--dataset_name {name}: no rows (the file is empty); add rows in rm-static schema")
+        raise UserError(f"--dataset_name {name}: could not read {builder} data ({describe(error)}); check the file is valid {builder}")
 
 
 def validate_rows(dataset, columns: tuple[str, ...], source: str) -> None:
@@ -395,6 +403,7 @@ def tokenize_for_step(dataset, tokenizer, step: str, max_length: int, max_prompt
             budget = min(budget, max_prompt_length - len(prefix))
         prompt_ids, cut = truncate_prompt(tokenizer, row["prompt"], max(budget, 0))
         dropped = budget < 1
+        cut = cut and not dropped
         prompt_ids = prefix + prompt_ids
         if step == "sft":
             return {"input_ids": prompt_ids + answer_ids[0],
@@ -498,7 +507,7 @@ def load_model(model_args, auto_class, path: str | None = None, flag: str = "--m
         if base is not None:
             model = PeftModel.from_pretrained(model, path).merge_and_unload()
     except (OSError, ValueError) as error:
-        raise UserError(f"{flag} {path}: could not load a model ({str(error).splitlines()[0][:300]}); check the path "
+        raise UserError(f"{flag} {path}: could not load a model ({describe(error)}); check the path "
                         "or hub id, or pre-download it (see README, Offline)")
     return model
 
@@ -510,7 +519,7 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise UserError(f"{path}: could not load its tokenizer ({str(error).splitlines()[0][:300]})")
+        raise UserError(f"{path}: could not load its tokenizer ({describe(error)})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side

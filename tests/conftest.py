@@ -1,0 +1,67 @@
+"""Shared fixtures: an offline environment, a cache for the built-in demo model, and a way to run the scripts."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (CI runs them too)")
+
+
+@pytest.fixture(scope="session")
+def script_env(tmp_path_factory):
+    """Environment for subprocesses: offline, quiet, the demo model cached once per session."""
+    env = dict(os.environ)
+    env.update(
+        SIMPLE_RLHF_CACHE=os.environ.get("SIMPLE_RLHF_CACHE", str(tmp_path_factory.mktemp("cache"))),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+    )
+    os.environ["SIMPLE_RLHF_CACHE"] = env["SIMPLE_RLHF_CACHE"]  # in-process calls share the cache
+    return env
+
+
+def run(args, env, check=True, timeout=600):
+    """Run a command from the project root; on an unexpected exit code, fail with the end of its output."""
+    result = subprocess.run([str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {result.returncode}\n{result.stdout[-3000:]}\n"
+                    f"{result.stderr[-5000:]}")
+    return result
+
+
+def python_script(*args):
+    return [sys.executable, *args]
+
+
+def accelerate_script(*args, config="accelerate_config.yaml"):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *args]
+
+
+@pytest.fixture(scope="session")
+def hh_data():
+    path = SHARED / "data" / "hh-rlhf-static"
+    if not (path / "train.jsonl").exists():
+        pytest.skip("../shared/data/hh-rlhf-static is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    path = SHARED / "tokenizers" / "gpt2"
+    if not (path / "vocab.json").exists():
+        pytest.skip("../shared/tokenizers/gpt2 is absent")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
