@@ -1,0 +1,899 @@
+"""Step 3 of RLHF: PPO with an actor, a reference, a reward model and a critic, on accelerate + PEFT.
+
+    python ppo.py --config recipes/demo/ppo.yaml                      # offline demo on CPU, after steps 1 and 2
+    accelerate launch --config_file accelerate_config.yaml ppo.py --config recipes/opt-1.3b/ppo.yaml \
+        --sft_model_path out/opt-1.3b/sft --reward_model_path out/opt-1.3b/reward
+
+TRL 1.16 has no PPO trainer, so this file carries its own loop, written to be read top to bottom like CleanRL's
+ppo.py: 1. the arguments (TRL's PPOConfig names where the concept is the same), 2. small pure helpers,
+3. the four models, 4. rollout and scoring, 5. checkpoints, 6. the loop.
+
+The four roles, and why only two copies of weights are needed with LoRA:
+- actor: the SFT policy plus a fresh LoRA adapter (or the whole model without --use_peft);
+- reference: the actor with its adapter switched off (without LoRA: a frozen copy of the SFT policy);
+- reward model: the step-2 sequence classifier, frozen, read at the last real token;
+- critic: the reward model's backbone with its own LoRA adapter, and a value head initialised from the reward
+  model's score head (a PEFT `modules_to_save` copy, so the reward model's own head stays untouched), read at every
+  token. Switching the critic adapter off gives back the reward model exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from trl import ModelConfig, get_peft_config
+
+import common
+
+logger = logging.getLogger("simple_rlhf.ppo")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class PPOArguments:
+    """PPO options. Names follow TRL's PPOConfig wherever the concept is the same, so a TRL config carries over."""
+
+    # models
+    sft_model_path: str | None = field(default=None, metadata={"help": "The step-1 output (model or adapter folder, "
+                                       "hub id or builtin:tiny-opt): the actor's starting point and the reference."})
+    reward_model_path: str | None = field(default=None, metadata={"help": "The step-2 output: a sequence classifier "
+                                          "with one label (model or SEQ_CLS adapter folder)."})
+    critic_model_path: str | None = field(default=None, metadata={"help": "Start the critic from this sequence "
+                                          "classifier instead of the reward model (then it is a separate copy)."})
+    output_dir: str = field(default="out/ppo", metadata={"help": "Where checkpoints, metrics.jsonl and the final "
+                            "actor (and OUTPUT_DIR/critic) go."})
+    # rollout
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts are cut from the left to this many "
+                                   "tokens, at a turn boundary where possible, so the final 'Assistant:' survives."})
+    response_length: int = field(default=53, metadata={"help": "Most new tokens sampled per prompt."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; the same scaling is applied to "
+                               "the logits when log-probs are computed in training."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens (0: all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    stop_token: str = field(default="eos", metadata={"help": "Generation stops at this token: 'eos' or a token string; "
+                            "tokens after it become padding."})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a "
+                                              "response that never produced the stop token."})
+    score_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-x, x] (DeepSpeed-Chat: 5)."})
+    normalize_scores: bool = field(default=False, metadata={"help": "Normalise scores with a running mean and std."})
+    generation_batch_size: int | None = field(default=None, metadata={"help": "Prompts per generate() call and per "
+                                              "scoring forward pass (default: the whole rollout batch)."})
+    gather_for_generation: bool = field(default=True, metadata={"help": "Under ZeRO-3, gather the actor's parameters "
+                                        "for generation (fast); false for models that don't fit gathered (TRL's "
+                                        "ds3_gather_for_generation)."})
+    # PPO
+    num_ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Optimizer steps per PPO epoch; the rollout batch per "
+                                  "device is per_device_train_batch_size * gradient_accumulation_steps * this."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    kl_coef: float = field(default=0.05, metadata={"help": "Weight of the KL(actor || reference) penalty per token."})
+    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1 (log-ratio, unbiased) or k3 "
+                              "(non-negative, lower variance)."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef towards --target_kl (Ziegler et al.)."})
+    target_kl: float = field(default=6.0, metadata={"help": "Target KL per sequence for --adaptive_kl."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Horizon, in episodes, of the adaptive KL controller."})
+    cliprange: float = field(default=0.2, metadata={"help": "Clip range of the policy ratio."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Clip range of the value prediction."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    entropy_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus (0: off)."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
+    # optimisation
+    learning_rate: float = field(default=3e-6, metadata={"help": "Actor learning rate."})
+    critic_learning_rate: float | None = field(default=None, metadata={"help": "Critic learning rate (default: "
+                                               "learning_rate)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (actor and critic)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler: linear, cosine, "
+                                   "constant, constant_with_warmup, ..."})
+    warmup_steps: int = field(default=0, metadata={"help": "Warmup iterations of the schedule."})
+    max_steps: int = field(default=100, metadata={"help": "PPO iterations (rollout + update) to run."})
+    total_episodes: int | None = field(default=None, metadata={"help": "If set, max_steps = total_episodes / global "
+                                       "rollout batch (TRL's name)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward "
+                                         "pass (actor and critic): less memory, ~30% slower."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (also set by accelerate's config)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on CPU (set automatically without a GPU)."})
+    seed: int = field(default=42, metadata={"help": "Seed of sampling, shuffling and initialisation."})
+    # state and reporting
+    save_steps: int = field(default=50, metadata={"help": "Write a checkpoint every this many iterations."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint-N folder, or true for "
+                                               "the newest complete one in output_dir."})
+    report_to: str = field(default="none", metadata={"help": "accelerate trackers: tensorboard, wandb, trackio, "
+                           "comma-separated, or none (metrics.jsonl is always written)."})
+    sample_every: int = field(default=10, metadata={"help": "Log a few prompt/response/score samples every N steps "
+                              "(0: never)."})
+    num_samples: int = field(default=2, metadata={"help": "How many samples to log."})
+
+    @property
+    def local_rollout_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_mini_batches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Small pure helpers (unit-tested in tests/test_ppo_helpers.py)
+# ----------------------------------------------------------------------------------------------------------------
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    count = mask.sum()
+    if unbiased and count > 1:
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Zero mean (unless shift_mean is false: then the mean is kept), unit variance over the masked entries."""
+    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(actor || reference) from sampled tokens (http://joschu.net/blog/kl-approx.html).
+
+    k1 = log p - log q: unbiased, can be negative per token. k3 = (r - 1) - log r with r = q / p: never negative.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown kl_estimator {estimator!r}")
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates, backwards over the response; padding must hold 0 rewards and values."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
+def truncate_after_stop(responses: torch.Tensor, stop_token_id: int, pad_token_id: int):
+    """Replace every token after the first stop token with padding; return (responses, mask, has_stop).
+
+    The mask comes from the stop position, not from `!= pad`, since pad and EOS are often the same token.
+    """
+    length = responses.shape[1]
+    is_stop = responses == stop_token_id
+    has_stop = is_stop.any(dim=1)
+    first_stop = torch.where(has_stop, is_stop.int().argmax(dim=1), torch.full_like(has_stop, length, dtype=torch.long))
+    positions = torch.arange(length, device=responses.device).unsqueeze(0)
+    mask = positions <= first_stop.unsqueeze(1)  # the stop token itself is part of the response
+    return torch.where(mask, responses, torch.full_like(responses, pad_token_id)), mask.long(), has_stop
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a 0/1 mask (the token whose score the reward model gives)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return (positions * mask).argmax(dim=1)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded sequence is seen exactly as the unpadded one."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of `tokens` under logits scaled by the sampling temperature (as generate() sampled them)."""
+    from trl.trainer.utils import selective_log_softmax
+
+    return selective_log_softmax(logits.float() / temperature, tokens)
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
+    """PPO's clipped surrogate; returns (loss, clip fraction, approx KL, mean ratio)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approxkl = 0.5 * masked_mean(log_ratio**2, mask)
+    return loss, clipfrac, approxkl, masked_mean(ratio, mask)
+
+
+def clipped_value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """Value loss with the prediction kept within cliprange_value of the rollout's; returns (loss, clip fraction)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses, losses_clipped = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    return loss, masked_mean((losses_clipped > losses).float(), mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: move kl_coef so that the KL per sequence tracks a target (proportional control)."""
+
+    def __init__(self, value: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, current_kl: float, n_episodes: int) -> None:
+        error = float(np.clip(current_kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + error * n_episodes / self.horizon
+
+
+class RunningMoments:
+    """Running mean and std of scores over all rollouts so far (Chan et al. parallel update)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    def update(self, values: torch.Tensor) -> None:
+        batch_mean, batch_var, n = values.mean().item(), values.var(unbiased=False).item(), values.numel()
+        delta, total = batch_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var) if self.count > 1 else 1.0
+
+
+DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "activation_dropout", "layerdrop", "hidden_dropout",
+                      "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: nn.Dropout modules (TRL's helper) and the functional dropout OPT and others apply
+    from float attributes copied from the config at init, which the config and TRL's helper don't reach."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    disable_dropout_in_model(model)
+    for module in model.modules():
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The four models
+# ----------------------------------------------------------------------------------------------------------------
+def backbone_and_head(sequence_classifier):
+    """The transformer and the score head of a sequence classifier (through a PEFT wrapper)."""
+    from peft import PeftModel
+
+    model = sequence_classifier.get_base_model() if isinstance(sequence_classifier, PeftModel) else sequence_classifier
+    head = getattr(model, "score", None)
+    if head is None:
+        raise common.UserError(f"{type(model).__name__} has no `score` head; use a model whose sequence classifier "
+                               "has one (OPT, Llama, Qwen, GPT-2, ...)")
+    return getattr(model, model.base_model_prefix), head
+
+
+def per_token_scores(sequence_classifier, input_ids, attention_mask) -> torch.Tensor:
+    """The score head applied at every token: the critic's values, or the reward model's score at a chosen index."""
+    backbone, head = backbone_and_head(sequence_classifier)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+def policy_logits(actor, input_ids, attention_mask) -> torch.Tensor:
+    return actor(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+class ActorCritic(nn.Module):
+    """Actor and critic in one module, so one accelerate/DeepSpeed engine, one optimizer (two learning rates) and
+    one backward pass serve both. The frozen reference and reward model live inside them (adapters off)."""
+
+    def __init__(self, actor, critic):
+        super().__init__()
+        self.actor, self.critic = actor, critic
+
+    def forward(self, input_ids, attention_mask):
+        return policy_logits(self.actor, input_ids, attention_mask), per_token_scores(self.critic, input_ids,
+                                                                                      attention_mask)
+
+
+def check_reward_model(path: str, flag: str) -> None:
+    """The reward model must be a sequence classifier with one label (or a SEQ_CLS adapter); say so before loading."""
+    from transformers import AutoConfig
+
+    adapter_file = Path(path) / "adapter_config.json"
+    if adapter_file.exists():
+        if json.loads(adapter_file.read_text()).get("task_type") != "SEQ_CLS":
+            raise common.UserError(f"{flag} {path}: this adapter is not a sequence classifier (task_type is not "
+                                   "SEQ_CLS); give the output of reward.py")
+        return
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise common.UserError(f"{flag} {path}: could not read its config ({str(error).splitlines()[0][:200]})")
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise common.UserError(f"{flag} {path}: not a sequence classifier with one label (architectures "
+                               f"{architectures}, num_labels {config.num_labels}); give the output of reward.py")
+
+
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_tokenizer, paths: dict):
+    """Load the SFT policy, reward model and critic; return (actor_critic, reference or None, reward or None).
+
+    reference None means "the actor with its adapter off"; reward None means "the critic with its adapter off".
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    actor = common.load_model(model_args, AutoModelForCausalLM, paths["sft"], "--sft_model_path")
+    reward = common.load_model(model_args, AutoModelForSequenceClassification, paths["reward"], "--reward_model_path",
+                               num_labels=1)
+    reward.config.pad_token_id = reward_tokenizer.pad_token_id
+    if paths["critic"] is not None:
+        critic = common.load_model(model_args, AutoModelForSequenceClassification, paths["critic"],
+                                   "--critic_model_path", num_labels=1)
+    elif not same_tokenizer(tokenizer, reward_tokenizer):
+        # Values must line up with the actor's tokens, so the critic cannot read the reward model's tokens.
+        critic = common.load_model(model_args, AutoModelForSequenceClassification, paths["sft"], "--sft_model_path",
+                                   num_labels=1)
+    elif model_args.use_peft:
+        critic = reward  # shared: the reward model is the critic with its adapter off
+    else:
+        critic = copy.deepcopy(reward)
+    shared = critic is reward
+    if quantized:
+        for model in {id(m): m for m in (actor, reward, critic)}.values():
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    reference = None
+    if not model_args.use_peft:
+        reference = copy.deepcopy(actor).eval().requires_grad_(False)
+    reward.requires_grad_(False)
+
+    if model_args.use_peft:
+        actor = get_peft_model(actor, get_peft_config(replace(model_args, lora_task_type="CAUSAL_LM")))
+        # SEQ_CLS puts the score head in modules_to_save: the critic trains a copy of it as its value head, and
+        # with the adapter off the untouched original gives the reward model's score.
+        critic = get_peft_model(critic, get_peft_config(replace(model_args, lora_task_type="SEQ_CLS")))
+    if args.gradient_checkpointing:
+        for model in (actor, critic):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+    for model in (actor, critic, reward, reference):
+        if model is not None:
+            disable_dropout(model)  # after PEFT, which adds its own lora_dropout modules
+    return ActorCritic(actor, critic), reference, (None if shared else reward)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Rollout and scoring
+# ----------------------------------------------------------------------------------------------------------------
+def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_token_id] * (width - len(s)) + s for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask
+
+
+def chunks(n: int, size: int):
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@torch.no_grad()
+def generate_responses(actor, queries, query_mask, args, stop_token_id, pad_token_id):
+    """Sample up to response_length tokens per prompt, in chunks of generation_batch_size."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature,
+                              top_k=args.top_k or None, top_p=args.top_p, eos_token_id=stop_token_id,
+                              pad_token_id=pad_token_id, use_cache=True)
+    responses = []
+    for part in chunks(len(queries), args.generation_batch_size):
+        output = actor.generate(input_ids=queries[part], attention_mask=query_mask[part], generation_config=config)
+        new = output[:, queries.shape[1]:]
+        responses.append(nn.functional.pad(new, (0, args.response_length - new.shape[1]), value=pad_token_id))
+    return torch.cat(responses)
+
+
+@torch.no_grad()
+def score_rollout(model: ActorCritic, reference, reward, rollout: dict, args, tokenizer, reward_tokenizer,
+                  accelerator) -> dict:
+    """Log-probs under actor and reference, the critic's values, and the reward model's score."""
+    ids, mask, context = rollout["input_ids"], rollout["attention_mask"], rollout["queries"].shape[1]
+    responses = rollout["responses"]
+    logprobs, ref_logprobs, values, scores = [], [], [], []
+    for part in chunks(len(ids), args.generation_batch_size):
+        with accelerator.autocast():
+            logits = policy_logits(model.actor, ids[part], mask[part])
+            logprobs.append(logprobs_from_logits(logits[:, context - 1:-1], responses[part], args.temperature))
+            del logits
+            if reference is None:
+                with model.actor.disable_adapter():
+                    ref_logits = policy_logits(model.actor, ids[part], mask[part])
+            else:
+                ref_logits = policy_logits(reference, ids[part], mask[part])
+            ref_logprobs.append(logprobs_from_logits(ref_logits[:, context - 1:-1], responses[part], args.temperature))
+            del ref_logits
+            # The value of the state before each response token: positions context-1 .. end-1.
+            values.append(per_token_scores(model.critic, ids[part], mask[part])[:, context - 1:-1])
+            scores.append(reward_scores(model.critic if reward is None else reward, reward is None, ids[part],
+                                        mask[part], rollout, part, tokenizer, reward_tokenizer))
+    return dict(logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
+                scores=torch.cat(scores))
+
+
+def reward_scores(reward_model, shared: bool, ids, mask, rollout, part, tokenizer, reward_tokenizer) -> torch.Tensor:
+    """The reward model's score at the last real token; through text when the reward tokenizer differs."""
+    if not same_tokenizer(tokenizer, reward_tokenizer):
+        ids, mask = retokenize(rollout, part, tokenizer, reward_tokenizer, ids.device)
+    if shared:
+        with reward_model.disable_adapter():
+            per_token = per_token_scores(reward_model, ids, mask)
+    else:
+        per_token = per_token_scores(reward_model, ids, mask)
+    return per_token.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
+
+
+def retokenize(rollout, part, tokenizer, reward_tokenizer, device):
+    """Prompt + response as text, re-tokenized for the reward model (+ its EOS where the response stopped), as
+    reward.py trained it on prompt + answer + EOS."""
+    texts = []
+    for query, response, mask, stopped in zip(rollout["queries"][part], rollout["responses"][part],
+                                              rollout["response_mask"][part], rollout["has_stop"][part]):
+        text = tokenizer.decode(query, skip_special_tokens=True) + tokenizer.decode(response[mask.bool()],
+                                                                                     skip_special_tokens=True)
+        texts.append((text, bool(stopped)))
+    sequences = [reward_tokenizer(text)["input_ids"] + ([reward_tokenizer.eos_token_id] if stopped else [])
+                 for text, stopped in texts]
+    return left_pad(sequences, reward_tokenizer.pad_token_id, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+def trainable_state(model: nn.Module) -> dict:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args, tokenizer) -> str:
+    """Write output_dir/checkpoint-N via a temporary folder renamed when complete; prune to save_total_limit."""
+    output_dir = Path(args.output_dir)
+    final = output_dir / f"checkpoint-{state['step']}"
+    partial = output_dir / f".partial-checkpoint-{state['step']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == "DEEPSPEED":
+        model.save_checkpoint(str(partial / "deepspeed"), exclude_frozen_parameters=True)
+    torch.save(rng_state(), partial / f"rng_state_{accelerator.process_index}.pth")
+    if accelerator.is_main_process:
+        torch.save(trainable_state(unwrapped), partial / "trainable_params.pt")
+        if accelerator.distributed_type != "DEEPSPEED":
+            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        unwrapped.actor.save_pretrained(partial / "actor")
+        tokenizer.save_pretrained(partial / "actor")
+        unwrapped.critic.save_pretrained(partial / "critic")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        common.mark_checkpoint_complete(partial, step=state["step"])
+        os.replace(partial, final)
+        if args.save_total_limit:
+            done = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                          key=lambda p: int(p.name.split("-")[-1]))
+            for old in done[: -args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return str(final)
+
+
+def load_checkpoint(path: str, accelerator, model, optimizer, scheduler) -> dict:
+    path = Path(path)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == "DEEPSPEED":
+        model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_lr_scheduler_states=False)
+    else:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    saved = torch.load(path / "trainable_params.pt")
+    missing = set(trainable_state(unwrapped)) - set(saved)
+    if missing:
+        raise common.UserError(f"--resume_from_checkpoint {path}: it lacks {len(missing)} trainable tensors (e.g. "
+                               f"{sorted(missing)[0]}); it was written with other model flags")
+    with torch.no_grad():
+        for name, param in unwrapped.named_parameters():
+            if name in saved:
+                param.copy_(saved[name].to(param.device, param.dtype))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+    rng_file = path / f"rng_state_{accelerator.process_index}.pth"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths) -> None:
+    """The actor (adapter or full) + tokenizer in output_dir, the critic in output_dir/critic, optionally merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    unwrapped = accelerator.unwrap_model(model)
+    staging = Path(args.output_dir) / ".saving"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        unwrapped.actor.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        unwrapped.critic.save_pretrained(staging / "critic")
+        if data_args.merge_adapter and model_args.use_peft:
+            # Reload the SFT policy in full precision on the CPU: merging into a 4-bit base would lose precision.
+            full = replace(model_args, load_in_4bit=False, load_in_8bit=False, dtype="float32")
+            base = common.load_model(full, AutoModelForCausalLM, paths["sft"], "--sft_model_path")
+            PeftModel.from_pretrained(base, str(staging)).merge_and_unload().save_pretrained(staging / "merged")
+            tokenizer.save_pretrained(staging / "merged")
+        elif data_args.merge_adapter:
+            logger.warning("--merge_adapter: the actor has no adapter (full fine-tuning); nothing to merge")
+        common.move_into(staging, args.output_dir)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. The loop
+# ----------------------------------------------------------------------------------------------------------------
+class StopRequested:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, writes a checkpoint and exits 0."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        logger.warning(f"received {signal.Signals(signum).name}: finishing this step, then checkpoint and exit")
+        self.requested = True
+
+
+def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
+    """Every check that needs no model weights, before anything is loaded or written."""
+    common.check_model_flags(model_args)
+    if args.kl_estimator not in ("k1", "k3"):
+        raise common.UserError(f"--kl_estimator {args.kl_estimator}: use k1 or k3")
+    for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
+                 "response_length", "max_prompt_length", "save_steps"):
+        if getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.generation_batch_size is None:
+        args.generation_batch_size = args.local_rollout_batch_size
+    if args.generation_batch_size < 1:
+        raise common.UserError(f"--generation_batch_size {args.generation_batch_size}: must be at least 1")
+    if args.local_rollout_batch_size % args.generation_batch_size:
+        raise common.UserError(f"--generation_batch_size {args.generation_batch_size} does not divide the rollout "
+                               f"batch per device ({args.local_rollout_batch_size} = per_device_train_batch_size * "
+                               "gradient_accumulation_steps * num_mini_batches); pick a divisor")
+    if args.temperature <= 0:
+        raise common.UserError(f"--temperature {args.temperature}: must be positive (PPO needs sampling)")
+    if args.critic_learning_rate is None:
+        args.critic_learning_rate = args.learning_rate
+    paths = {"sft": common.resolve_model_path(args.sft_model_path, "--sft_model_path"),
+             "reward": common.resolve_model_path(args.reward_model_path, "--reward_model_path"),
+             "critic": (common.resolve_model_path(args.critic_model_path, "--critic_model_path")
+                        if args.critic_model_path else None)}
+    for key, flag in (("reward", "--reward_model_path"), ("critic", "--critic_model_path")):
+        if paths[key] is not None:
+            check_reward_model(paths[key], flag)
+    return paths
+
+
+@common.exit_on_user_error
+def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelConfig) -> list[dict]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+    from trl.trainer.utils import entropy_from_logits
+    from tqdm.auto import tqdm
+
+    paths = validate(args, model_args)
+    accelerator = Accelerator(cpu=args.use_cpu, mixed_precision="bf16" if args.bf16 else None,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=None if args.report_to == "none" else args.report_to.split(","),
+                              project_dir=args.output_dir)
+    common.setup_logging(accelerator.is_main_process)
+    resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    set_seed(args.seed)
+
+    tokenizer = common.load_tokenizer(paths["sft"], padding_side="left")
+    reward_tokenizer = common.load_tokenizer(paths["reward"], padding_side="left")
+    if args.stop_token == "eos":
+        stop_token_id = tokenizer.eos_token_id
+    else:
+        stop_ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
+        if len(stop_ids) != 1:
+            raise common.UserError(f"--stop_token {args.stop_token!r} is {len(stop_ids)} tokens; give one token or eos")
+        stop_token_id = stop_ids[0]
+    with accelerator.main_process_first():
+        train, _ = common.prepare_step_data(data_args, tokenizer, "ppo", args.max_prompt_length, args.max_prompt_length)
+    global_batch = args.local_rollout_batch_size * accelerator.num_processes
+    if len(train) < global_batch:
+        raise common.UserError(f"{len(train)} PPO prompts are fewer than one rollout batch ({global_batch} = "
+                               "per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches * "
+                               "processes); use more data or smaller batches")
+    if args.total_episodes is not None:
+        args.max_steps = max(1, args.total_episodes // global_batch)
+    if not same_tokenizer(tokenizer, reward_tokenizer) and args.critic_model_path is None:
+        logger.info("the reward model has its own tokenizer: texts are re-tokenized for scoring, and the critic "
+                    "starts from the SFT policy's backbone with a fresh value head")
+
+    model, reference, reward = build_models(args, model_args, tokenizer, reward_tokenizer, paths)
+    actor_params = [p for p in model.actor.parameters() if p.requires_grad]
+    critic_params = [p for p in model.critic.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": actor_params, "lr": args.learning_rate},
+                                   {"params": critic_params, "lr": args.critic_learning_rate}],
+                                  weight_decay=args.weight_decay, eps=1e-5)
+    if accelerator.state.deepspeed_plugin is not None:
+        # There is no dataloader for accelerate to read the micro-batch size from.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+        ds_config["gradient_clipping"] = args.max_grad_norm
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Stepped once per PPO iteration, by hand: accelerate would step it once per process.
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
+                              num_training_steps=args.max_steps)
+    for frozen in (reference, reward):
+        if frozen is not None:
+            frozen.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(model)
+    kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
+    score_moments = RunningMoments()
+
+    step = 0
+    if resume:
+        state = load_checkpoint(resume, accelerator, model, optimizer, scheduler)
+        step = state["step"]
+        kl_controller.value = state["kl_coef"]
+        score_moments.__dict__.update(state["score_moments"])
+        logger.info(f"resumed from {resume} at step {step}")
+    if step >= args.max_steps:
+        logger.info(f"already at step {step} of --max_steps {args.max_steps}")
+
+    output_dir = Path(args.output_dir)
+    metrics_file = output_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # Drop metrics of steps after the checkpoint we resume from: they are about to be redone.
+        kept = [line for line in (metrics_file.read_text().splitlines() if metrics_file.exists() and resume else [])
+                if json.loads(line)["step"] <= step]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
+    if args.report_to != "none":
+        accelerator.init_trackers("ppo", config={k: v for k, v in asdict(args).items()
+                                                 if isinstance(v, (int, float, str, bool))})
+
+    def prompt_batch(at_step: int) -> list[list[int]]:
+        """This process's prompts for a step: a pure function of the step, so a resumed run sees the same data."""
+        per_epoch = len(train) // global_batch
+        epoch, index = divmod(at_step, per_epoch)
+        order = np.random.RandomState(args.seed + epoch).permutation(len(train))
+        start = index * global_batch + accelerator.process_index * args.local_rollout_batch_size
+        return [train[int(i)]["input_ids"] for i in order[start : start + args.local_rollout_batch_size]]
+
+    stop = StopRequested()
+    history, last_checkpoint = [], resume
+    progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="PPO")
+    device = accelerator.device
+    while step < args.max_steps:
+        started = time.perf_counter()
+        # --- 1. rollout ---------------------------------------------------------------------------------------
+        queries, query_mask = left_pad(prompt_batch(step), tokenizer.pad_token_id, device)
+        unwrapped.eval()
+        with gathered_for_generation(model, accelerator, args.gather_for_generation):
+            raw = generate_responses(unwrapped.actor, queries, query_mask, args, stop_token_id,
+                                     tokenizer.pad_token_id)
+        responses, response_mask, has_stop = truncate_after_stop(raw, stop_token_id, tokenizer.pad_token_id)
+        rollout = dict(queries=queries, responses=responses, response_mask=response_mask, has_stop=has_stop,
+                       input_ids=torch.cat([queries, responses], 1), attention_mask=torch.cat([query_mask,
+                                                                                               response_mask], 1))
+        generated = time.perf_counter()
+
+        # --- 2. scoring ---------------------------------------------------------------------------------------
+        scored = score_rollout(unwrapped, reference, reward, rollout, args, tokenizer, reward_tokenizer,
+                               accelerator)
+        mask = response_mask.float()
+        raw_scores = scored["scores"]
+        scores = raw_scores.clone()
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~has_stop).float()
+        if args.score_clip is not None:
+            scores = scores.clamp(-args.score_clip, args.score_clip)
+        if args.normalize_scores:
+            score_moments.update(accelerator.gather(scores))
+            scores = (scores - score_moments.mean) / score_moments.std
+
+        # --- 3. rewards and advantages ------------------------------------------------------------------------
+        logprobs, ref_logprobs = scored["logprobs"] * mask, scored["ref_logprobs"] * mask
+        values = scored["values"] * mask
+        kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator) * mask
+        non_score_reward = -kl_controller.value * kl
+        rewards = non_score_reward.clone()
+        last = last_token_index(response_mask)
+        rewards[torch.arange(len(rewards), device=device), last] += scores
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages = compute_gae(rewards, values, args.gamma, args.lam) * mask
+        returns = advantages + values
+        advantages = masked_whiten(advantages, mask)
+        scored_at = time.perf_counter()
+
+        # --- 4. update ----------------------------------------------------------------------------------------
+        unwrapped.train()
+        stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")}
+        mini_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        context = queries.shape[1]
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(args.local_rollout_batch_size)
+            for mini in chunks(args.local_rollout_batch_size, mini_size):
+                for micro in chunks(mini.stop - mini.start, args.per_device_train_batch_size):
+                    idx = order[mini][micro].to(device)
+                    with accelerator.accumulate(model), accelerator.autocast():
+                        logits, new_values = model(rollout["input_ids"][idx], rollout["attention_mask"][idx])
+                        logits = logits[:, context - 1:-1]
+                        new_logprobs = logprobs_from_logits(logits, responses[idx], args.temperature)
+                        new_values = new_values[:, context - 1:-1]
+                        micro_mask = mask[idx]
+                        pg_loss, clipfrac, approxkl, ratio = clipped_policy_loss(
+                            new_logprobs, logprobs[idx], advantages[idx], micro_mask, args.cliprange)
+                        vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[idx], returns[idx], micro_mask,
+                                                                  args.cliprange_value)
+                        loss = pg_loss + args.vf_coef * vf_loss
+                        with torch.set_grad_enabled(args.entropy_coef != 0):
+                            entropy = masked_mean(entropy_from_logits(logits.float() / args.temperature), micro_mask)
+                        if args.entropy_coef:
+                            loss = loss - args.entropy_coef * entropy
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    for key, value in zip(stats, (approxkl, clipfrac, pg_loss, vf_loss, vf_clipfrac, entropy, ratio)):
+                        stats[key].append(value.detach().float())
+        scheduler.step()
+        step += 1
+        if args.adaptive_kl:
+            kl_controller.update(accelerator.reduce(kl.sum(1).mean(), "mean").item(), global_batch)
+        updated = time.perf_counter()
+
+        # --- metrics, samples, checkpoint -------------------------------------------------------------------------
+        local = {
+            "objective/kl": kl.sum(1).mean(),
+            "objective/entropy": (-logprobs).sum(1).mean(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
+            "objective/scores": raw_scores.mean(),
+            "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
+            "policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean(),
+            "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),
+            "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
+            "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(),
+            "policy/entropy_avg": torch.stack(stats["entropy"]).mean(),
+            "val/ratio": torch.stack(stats["ratio"]).mean(),
+            "val/ratio_var": torch.stack(stats["ratio"]).var() if len(stats["ratio"]) > 1 else torch.tensor(0.0),
+            "val/num_eos_tokens": (responses == stop_token_id).logical_and(response_mask.bool()).sum().float(),
+            "response_length_avg": response_mask.sum(1).float().mean(),
+        }
+        names = list(local)
+        reduced = accelerator.reduce(torch.stack([local[n].to(device).float() for n in names]), "mean")
+        metrics = {"step": step, "episode": step * global_batch, **dict(zip(names, reduced.tolist()))}
+        metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed over processes
+        metrics.update({"lr": scheduler.get_last_lr()[0], "critic_lr": scheduler.get_last_lr()[1],
+                        "objective/kl_coef": kl_controller.value,
+                        "time/generation_s": generated - started, "time/scoring_s": scored_at - generated,
+                        "time/update_s": updated - scored_at,
+                        "tokens_per_s": metrics["response_length_avg"] * global_batch / (updated - started),
+                        "memory/peak_gb": peak_memory_gb()})
+        bad = [k for k in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg")
+               if not math.isfinite(metrics[k])]
+        if bad:
+            accelerator.print(f"error: non-finite {', '.join(bad)} at step {step} (lower --learning_rate, set "
+                              f"--score_clip, or check the reward model); the last good checkpoint is "
+                              f"{last_checkpoint or 'none'} and was left untouched", file=sys.stderr)
+            sys.exit(3)
+        history.append(metrics)
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as out:
+                out.write(json.dumps(metrics) + "\n")
+        accelerator.log(metrics, step=step)
+        progress.update(1)
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
+            for i in range(min(args.num_samples, len(queries))):
+                prompt = tokenizer.decode(queries[i][query_mask[i].bool()], skip_special_tokens=True)
+                answer = tokenizer.decode(responses[i][response_mask[i].bool()], skip_special_tokens=True)
+                logger.info(f"sample at step {step} (score {raw_scores[i].item():.3f}):\n...{prompt[-200:]!s}"
+                            f"\n>>> {answer}")
+
+        stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item() > 0
+        if step % args.save_steps == 0 or stop_now:
+            state = {"step": step, "kl_coef": kl_controller.value, "score_moments": vars(score_moments),
+                     "data_position": step * global_batch, "max_steps": args.max_steps}
+            last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, state, args, tokenizer)
+        if stop_now:
+            progress.close()
+            accelerator.print(f"stopped at step {step} on request; resume with --resume_from_checkpoint "
+                              f"{last_checkpoint}")
+            accelerator.end_training()
+            return history
+    progress.close()
+
+    save_final(accelerator, model, args, data_args, model_args, tokenizer, paths)
+    if history:
+        accelerator.print(f"PPO done: mean score {history[0]['objective/scores']:.3f} -> "
+                          f"{history[-1]['objective/scores']:.3f}, KL {history[-1]['objective/kl']:.3f}, "
+                          f"actor in {args.output_dir}")
+    accelerator.end_training()
+    return history
+
+
+def gathered_for_generation(model, accelerator, gather: bool):
+    """Under ZeRO-3 the actor's parameters are sharded: gather them once for the whole generate() call (otherwise
+    every new token would gather every layer). A no-op for other setups, or with --gather_for_generation false."""
+    import contextlib
+
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3 or not gather:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).actor.parameters()))
+
+
+def peak_memory_gb() -> float:
+    """Peak CUDA memory allocated, or the process's peak resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+if __name__ == "__main__":
+    main(*common.parse_args((common.DataArguments, PPOArguments, ModelConfig)))
