@@ -747,6 +747,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
             scores = scores - args.missing_eos_penalty * (~has_stop).float()
         if args.score_clip is not None:
             scores = scores.clamp(-args.score_clip, args.score_clip)
+        scores_before_normalising = scores
         if args.normalize_scores:
             score_moments.update(accelerator.gather(scores))
             scores = (scores - score_moments.mean) / score_moments.std
@@ -810,7 +811,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
             "objective/entropy": (-logprobs).sum(1).mean(),
             "objective/non_score_reward": non_score_reward.sum(1).mean(),
             "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
-            "objective/scores": raw_scores.mean(),
+            "objective/scores": scores_before_normalising.mean(),
             "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
             "policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean(),
             "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),

@@ -1,0 +1,141 @@
+"""Unit tests of ppo.py's pure helpers, against plain Python loops and hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+import ppo
+
+
+def test_masked_mean_var_whiten_ignore_masked_entries():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 1]]).float()
+    kept = [1.0, 2.0, 3.0, 4.0, 5.0, 7.0]
+    mean = sum(kept) / 6
+    assert ppo.masked_mean(values, mask).item() == pytest.approx(mean)
+    variance = sum((v - mean) ** 2 for v in kept) / 5  # unbiased
+    assert ppo.masked_var(values, mask).item() == pytest.approx(variance)
+    whitened = ppo.masked_whiten(values, mask)
+    assert ppo.masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert ppo.masked_var(whitened, mask).item() == pytest.approx(1.0, rel=1e-4)
+    assert whitened[0, 3].item() == 0.0 and whitened[1, 2].item() == 0.0
+    kept_mean = ppo.masked_whiten(values, mask, shift_mean=False)
+    assert ppo.masked_mean(kept_mean, mask).item() == pytest.approx(mean, rel=1e-5)
+
+
+def test_kl_estimators():
+    logprobs = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    assert torch.allclose(ppo.kl_per_token(logprobs, ref, "k1"), torch.tensor([0.5, -1.0, 0.0]))
+    k3 = ppo.kl_per_token(logprobs, ref, "k3")
+    expected = [math.exp(r - l) - 1 - (r - l) for l, r in zip(logprobs.tolist(), ref.tolist())]
+    assert torch.allclose(k3, torch.tensor(expected))
+    assert (k3 >= 0).all()
+    with pytest.raises(ValueError):
+        ppo.kl_per_token(logprobs, ref, "k2")
+
+
+def test_gae_matches_a_plain_loop():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 7), torch.randn(3, 7)
+    gamma, lam = 0.9, 0.8
+    got = ppo.compute_gae(rewards, values, gamma, lam)
+    for row in range(3):
+        advantage = 0.0
+        for t in reversed(range(7)):
+            next_value = values[row, t + 1].item() if t < 6 else 0.0
+            delta = rewards[row, t].item() + gamma * next_value - values[row, t].item()
+            advantage = delta + gamma * lam * advantage
+            assert got[row, t].item() == pytest.approx(advantage, abs=1e-5)
+
+
+def test_gae_padding_after_the_response_contributes_nothing():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1, 0.0, 0.0]])
+    full = ppo.compute_gae(rewards, values, 1.0, 0.95)
+    short = ppo.compute_gae(rewards[:, :3], values[:, :3], 1.0, 0.95)
+    assert torch.allclose(full[:, :3], short)
+
+
+def test_clipped_policy_loss_by_hand():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    advantages = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, clipfrac, approxkl, ratio = ppo.clipped_policy_loss(new, old, advantages, mask, 0.2)
+    # token 1: max(-1*1.5, -1*1.2) = -1.2 (clipped); token 2: max(1*0.5, 1*0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert clipfrac.item() == pytest.approx(1.0)
+    assert ratio.item() == pytest.approx(1.0)
+    assert approxkl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
+    # inside the clip range nothing is clipped and the loss is -A * ratio
+    loss, clipfrac, _, _ = ppo.clipped_policy_loss(torch.log(torch.tensor([[1.1]])), torch.zeros(1, 1),
+                                                   torch.tensor([[2.0]]), torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(-2.2) and clipfrac.item() == 0.0
+
+
+def test_clipped_value_loss_by_hand():
+    values, old, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    loss, clipfrac = ppo.clipped_value_loss(values, old, returns, torch.ones(1, 2), 0.2)
+    # token 1: max((1-0)^2, (0.2-0)^2) = 1; token 2: max((0-1)^2, (0-1)^2) = 1 -> 0.5 * mean = 0.5
+    assert loss.item() == pytest.approx(0.5)
+    assert clipfrac.item() == pytest.approx(0.0)
+    loss, clipfrac = ppo.clipped_value_loss(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.tensor([[2.0]]),
+                                            torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(0.5 * 1.8**2) and clipfrac.item() == 1.0
+
+
+def test_truncate_after_stop_and_scored_token():
+    eos, pad = 2, 0
+    responses = torch.tensor([[5, 6, 2, 7, 8], [5, 2, 2, 9, 9], [5, 6, 7, 8, 9]])
+    truncated, mask, has_stop = ppo.truncate_after_stop(responses, eos, pad)
+    assert truncated.tolist() == [[5, 6, 2, 0, 0], [5, 2, 0, 0, 0], [5, 6, 7, 8, 9]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert has_stop.tolist() == [True, True, False]
+    assert ppo.last_token_index(mask).tolist() == [2, 1, 4]
+    # pad == eos (as with many tokenizers): the mask still comes from the first stop
+    truncated, mask, _ = ppo.truncate_after_stop(torch.tensor([[5, 2, 2, 2]]), 2, 2)
+    assert mask.tolist() == [[1, 1, 0, 0]]
+
+
+def test_position_ids_follow_the_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert ppo.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+def test_logprobs_use_the_temperature():
+    logits = torch.tensor([[[1.0, 2.0, 3.0]]])
+    got = ppo.logprobs_from_logits(logits, torch.tensor([[2]]), 0.5)
+    assert got.item() == pytest.approx(torch.log_softmax(logits / 0.5, -1)[0, 0, 2].item())
+
+
+def test_adaptive_kl_controller_moves_towards_target():
+    controller = ppo.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller.update(current_kl=12.0, n_episodes=10)  # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * 1.02)
+    controller.update(current_kl=0.0, n_episodes=10)
+    assert controller.value == pytest.approx(0.1 * 1.02 * 0.98)
+
+
+def test_running_moments_match_all_values():
+    moments = ppo.RunningMoments()
+    chunks = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0])]
+    for chunk in chunks:
+        moments.update(chunk)
+    every = torch.cat(chunks)
+    assert moments.mean == pytest.approx(every.mean().item())
+    assert moments.std == pytest.approx(every.std(unbiased=False).item(), rel=1e-5)
+
+
+def test_disable_dropout_reaches_opt_functional_dropout():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=50, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=2, ffn_dim=32,
+                       num_attention_heads=2, max_position_embeddings=32, dropout=0.5, attention_dropout=0.5,
+                       activation_dropout=0.5)
+    model = OPTForCausalLM(config).train()
+    ids = torch.randint(0, 50, (2, 8))
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is really on
+    ppo.disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)
