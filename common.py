@@ -113,13 +113,17 @@ def parse_args(dataclass_types, argv=None):
     return parser.parse_args_and_config(args=argv)
 
 
-def setup_logging(is_main_process: bool = True) -> None:
+def setup_logging(is_main_process: bool = True, distributed_state=None) -> None:
+    """Log on the main process only; say how the run is distributed when given accelerate's state."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         level=logging.INFO if is_main_process else logging.WARNING,
         force=True,
     )
+    if distributed_state is not None:
+        state = distributed_state
+        logger.info(f"running as {state.distributed_type.value} with {state.num_processes} process(es) on {state.device}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -491,8 +495,8 @@ def load_model(model_args, auto_class, path: str | None = None, flag: str = "--m
     An adapter from sft.py thus feeds reward.py and ppo.py directly: its LoRA weights are merged into the base,
     which works for a sequence classifier too, since the backbone's module names are the same.
     """
-    from peft import PeftModel
     import torch
+    from peft import PeftConfig, PeftModel
     from accelerate import PartialState
     from trl import get_quantization_config
 
@@ -505,7 +509,11 @@ def load_model(model_args, auto_class, path: str | None = None, flag: str = "--m
     try:
         model = auto_class.from_pretrained(base or path, **options)
         if base is not None:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            # The adapter may be for another head (an SFT adapter onto a sequence classifier): load it task-free,
+            # which matches on the shared backbone's module names.
+            adapter_config = PeftConfig.from_pretrained(path)
+            adapter_config.task_type = None
+            model = PeftModel.from_pretrained(model, path, config=adapter_config).merge_and_unload()
     except (OSError, ValueError) as error:
         raise UserError(f"{flag} {path}: could not load a model ({describe(error)}); check the path "
                         "or hub id, or pre-download it (see README, Offline)")
@@ -550,6 +558,8 @@ def resolve_resume(resume_from_checkpoint, output_dir: str) -> str | None:
         newest = newest_complete_checkpoint(output_dir)
         if newest is None:
             logger.warning(f"--resume_from_checkpoint true: no complete checkpoint in {output_dir}; starting fresh")
+        else:
+            logger.info(f"resuming from {newest}")
         return newest
     if not Path(resume_from_checkpoint).is_dir():
         raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder; give a checkpoint-N "

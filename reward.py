@@ -13,10 +13,12 @@ from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
 
 import common
 
+ARGUMENTS = (common.DataArguments, RewardConfig, ModelConfig)
+
 
 @common.exit_on_user_error
 def main(data_args: common.DataArguments, training_args: RewardConfig, model_args: ModelConfig):
-    common.setup_logging(training_args.process_index == 0)
+    common.setup_logging(training_args.process_index == 0, training_args.distributed_state)
     common.check_model_flags(model_args)
     model_path = common.resolve_model_path(model_args.model_name_or_path)
     tokenizer = common.load_tokenizer(model_path)
@@ -53,4 +55,4 @@ def main(data_args: common.DataArguments, training_args: RewardConfig, model_arg
 
 
 if __name__ == "__main__":
-    main(*common.parse_args((common.DataArguments, RewardConfig, ModelConfig)))
+    main(*common.parse_args(ARGUMENTS))

@@ -14,6 +14,8 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 import common
 
+ARGUMENTS = (common.DataArguments, SFTConfig, ModelConfig)
+
 
 def add_perplexity(metrics: dict) -> dict:
     """Perplexity from a mean token cross-entropy, for every *loss key of an eval log."""
@@ -31,7 +33,7 @@ class PerplexitySFTTrainer(SFTTrainer):
 
 @common.exit_on_user_error
 def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: ModelConfig):
-    common.setup_logging(training_args.process_index == 0)
+    common.setup_logging(training_args.process_index == 0, training_args.distributed_state)
     common.check_model_flags(model_args)
     model_path = common.resolve_model_path(model_args.model_name_or_path)
     tokenizer = common.load_tokenizer(model_path)
@@ -65,4 +67,4 @@ def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: 
 
 
 if __name__ == "__main__":
-    main(*common.parse_args((common.DataArguments, SFTConfig, ModelConfig)))
+    main(*common.parse_args(ARGUMENTS))
