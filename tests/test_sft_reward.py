@@ -93,7 +93,7 @@ def test_sft_lora_under_deepspeed_zero2_offload_with_merge(script_env, tmp_path)
     result = run(accelerate_script("sft.py", *DEMO_SFT, "--output_dir", tmp_path, "--use_peft", "--lora_r", "8",
                                    "--lora_alpha", "16", "--learning_rate", "1e-2", "--merge_adapter", *QUICK),
                  script_env)
-    assert "running as DEEPSPEED with 1 process(es)" in result.stderr
+    assert "running as DEEPSPEED with 1 process(es)" in result.stdout + result.stderr
     assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "merged" / "config.json").exists()
     adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
