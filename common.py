@@ -113,17 +113,20 @@ def parse_args(dataclass_types, argv=None):
     return parser.parse_args_and_config(args=argv)
 
 
-def setup_logging(is_main_process: bool = True, distributed_state=None) -> None:
-    """Log on the main process only; say how the run is distributed when given accelerate's state."""
+def setup_logging(is_main_process: bool = True) -> None:
+    """Log on the main process only."""
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         level=logging.INFO if is_main_process else logging.WARNING,
         force=True,
     )
-    if distributed_state is not None:
-        state = distributed_state
-        logger.info(f"running as {state.distributed_type.value} with {state.num_processes} process(es) on {state.device}")
+
+
+def log_distribution(accelerator) -> None:
+    """One line saying how the run is distributed, e.g. `running as DEEPSPEED with 1 process(es) on cpu`."""
+    logger.info(f"running as {accelerator.distributed_type.value} with {accelerator.num_processes} process(es) on "
+                f"{accelerator.device}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ ARGUMENTS = (common.DataArguments, RewardConfig, ModelConfig)
 
 @common.exit_on_user_error
 def main(data_args: common.DataArguments, training_args: RewardConfig, model_args: ModelConfig):
-    common.setup_logging(training_args.process_index == 0, training_args.distributed_state)
+    common.setup_logging(training_args.process_index == 0)
     common.check_model_flags(model_args)
     model_path = common.resolve_model_path(model_args.model_name_or_path)
     tokenizer = common.load_tokenizer(model_path)
@@ -42,6 +42,7 @@ def main(data_args: common.DataArguments, training_args: RewardConfig, model_arg
         peft_config=get_peft_config(model_args),
         callbacks=common.trainer_callbacks(),
     )
+    common.log_distribution(trainer.accelerator)
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = trainer.evaluate(evaluation)

@@ -33,7 +33,7 @@ class PerplexitySFTTrainer(SFTTrainer):
 
 @common.exit_on_user_error
 def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: ModelConfig):
-    common.setup_logging(training_args.process_index == 0, training_args.distributed_state)
+    common.setup_logging(training_args.process_index == 0)
     common.check_model_flags(model_args)
     model_path = common.resolve_model_path(model_args.model_name_or_path)
     tokenizer = common.load_tokenizer(model_path)
@@ -55,6 +55,7 @@ def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: 
         peft_config=get_peft_config(model_args),
         callbacks=common.trainer_callbacks(),
     )
+    common.log_distribution(trainer.accelerator)
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = add_perplexity(trainer.evaluate(evaluation))
