@@ -1,6 +1,7 @@
 """sft.py and reward.py end to end, as users launch them: plain python and accelerate + DeepSpeed, on CPU."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,9 +133,13 @@ def _seq_cls():
     return AutoModelForSequenceClassification
 
 
-def test_sft_with_4bit_lora(script_env, tmp_path):
-    run(python_script("sft.py", *DEMO_SFT, "--output_dir", tmp_path, "--use_peft", "--load_in_4bit", "--lora_r", "8",
-                      "--max_length", "96", *QUICK), script_env)
+def test_sft_with_4bit_lora_and_gradient_checkpointing(script_env, tmp_path):
+    result = run(python_script("sft.py", *DEMO_SFT, "--output_dir", tmp_path, "--use_peft", "--load_in_4bit",
+                               "--lora_r", "8", "--gradient_checkpointing", "true", "--max_length", "96", *QUICK),
+                 script_env)
+    losses = [json.loads(line.replace("'", '"'))["loss"] for line in result.stdout.splitlines()
+              if line.startswith("{'loss'")]
+    assert len(losses) == 3 and all(float(loss) == float(loss) for loss in losses)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 8 and (tmp_path / "adapter_model.safetensors").exists()
 
@@ -184,8 +189,10 @@ def test_reward_model_whose_tokenizer_has_no_pad_token(script_env, tmp_path):
     model.save_pretrained(tmp_path / "gpt2-tiny")
     tokenizer.save_pretrained(tmp_path / "gpt2-tiny")
     assert json.loads((tmp_path / "gpt2-tiny" / "tokenizer_config.json").read_text()).get("pad_token") is None
-    run(python_script("reward.py", *DEMO_REWARD, "--model_name_or_path", tmp_path / "gpt2-tiny", "--output_dir",
-                      tmp_path / "rm", *QUICK), script_env)
+    # Through `accelerate launch` without a config file: one plain process.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"]
+    run([*launch, "reward.py", *DEMO_REWARD, "--model_name_or_path", tmp_path / "gpt2-tiny", "--output_dir",
+         tmp_path / "rm", *QUICK], script_env)
     metrics = json.loads((tmp_path / "rm" / "eval_results.json").read_text())
     assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_loss"] == metrics["eval_loss"]
 
