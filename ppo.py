@@ -628,6 +628,22 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
     return paths
 
 
+def check_prompts_fit(data_args, tokenizer, max_prompt_length: int) -> None:
+    """Prompts are cut from the left at turn boundaries; one whose last turn alone does not fit loses the start of
+    the question. Refuse when that is every prompt (the limit is wrong), warn when it is some."""
+    rows, _ = common.load_step_data(data_args, "ppo")
+    last_turns = [prompt[max(prompt.rfind("\n\nHuman:"), 0):] for prompt in rows["prompt"]]
+    budget = max_prompt_length - len(common.special_prefix(tokenizer))
+    lengths = [len(ids) for ids in tokenizer(last_turns, add_special_tokens=False)["input_ids"]]
+    too_long = sum(n > budget for n in lengths)
+    if too_long == len(lengths):
+        raise common.UserError(f"--max_prompt_length {max_prompt_length}: the last turn of every prompt is longer "
+                               f"(the shortest is {min(lengths) + max_prompt_length - budget} tokens); raise it")
+    if too_long:
+        logger.warning(f"{too_long} of {len(lengths)} prompts have a last turn longer than --max_prompt_length "
+                       f"{max_prompt_length}; they are cut inside that turn")
+
+
 @common.exit_on_user_error
 def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelConfig) -> list[dict]:
     from accelerate import Accelerator
@@ -655,6 +671,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
             raise common.UserError(f"--stop_token {args.stop_token!r} is {len(stop_ids)} tokens; give one token or eos")
         stop_token_id = stop_ids[0]
     with accelerator.main_process_first():
+        check_prompts_fit(data_args, tokenizer, args.max_prompt_length)
         train, _ = common.prepare_step_data(data_args, tokenizer, "ppo", args.max_prompt_length, args.max_prompt_length)
     global_batch = args.local_rollout_batch_size * accelerator.num_processes
     if len(train) < global_batch:

@@ -1,0 +1,274 @@
+"""ppo.py end to end and its invariants, on the tiny demo models (built once per session by sft.py and reward.py).
+
+Runs that test a launch path (python, torchrun, accelerate + DeepSpeed, signals) are subprocesses; the invariants
+and bad-input cases call the functions in-process for speed.
+"""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, accelerate_script, python_script, run
+
+import common
+import ppo
+
+# Small enough that a run of a few iterations takes seconds on two CPU cores.
+TINY = ["--dataset_name", "builtin:synthetic", "--max_prompt_length", "64", "--response_length", "8",
+        "--per_device_train_batch_size", "4", "--num_ppo_epochs", "2", "--use_peft", "true", "--lora_r", "4",
+        "--learning_rate", "1e-3", "--max_train_samples", "64", "--sample_every", "0", "--report_to", "none"]
+
+
+@pytest.fixture(scope="session")
+def env(script_env):
+    # One thread per process: on a small shared machine, torch's default threads make tiny models ~20x slower.
+    return {**script_env, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def demo_models(env, tmp_path_factory):
+    """The demo chain's steps 1 and 2 (full fine-tuning), as the README runs them."""
+    root = tmp_path_factory.mktemp("demo")
+    sft, reward = root / "sft", root / "reward"
+    run(python_script("sft.py", "--config", "recipes/demo/sft.yaml", "--output_dir", sft), env)
+    run(python_script("reward.py", "--config", "recipes/demo/reward.yaml", "--output_dir", reward,
+                      "--model_name_or_path", sft), env)
+    return str(sft), str(reward)
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def ppo_run(demo_models, output_dir, *extra):
+    sft, reward = demo_models
+    return python_script("ppo.py", *TINY, "--sft_model_path", sft, "--reward_model_path", reward,
+                         "--output_dir", output_dir, *extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning and chaining
+# ---------------------------------------------------------------------------------------------------------------
+def test_demo_recipe_raises_the_score_and_the_outputs_load_back(env, demo_models, tmp_path):
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
+
+    sft, reward = demo_models
+    out = tmp_path / "ppo"
+    result = run(python_script("ppo.py", "--config", "recipes/demo/ppo.yaml", "--sft_model_path", sft,
+                               "--reward_model_path", reward, "--output_dir", out, "--max_steps", "24",
+                               "--merge_adapter", "true"), env)
+    history = metrics(out)
+    assert [m["step"] for m in history] == list(range(1, 25))
+    scores = [m["objective/scores"] for m in history]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 0.3, f"mean score did not rise: {scores}"
+    assert all(math.isfinite(m["objective/kl"]) and abs(m["objective/kl"]) < 10 for m in history)
+    for name in ("objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "policy/approxkl_avg",
+                 "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg", "val/ratio",
+                 "val/num_eos_tokens", "lr", "time/generation_s", "time/scoring_s", "time/update_s",
+                 "tokens_per_s", "memory/peak_gb"):
+        assert name in history[-1]
+    assert "PPO done" in result.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20"]  # save_steps 20, limit 2
+
+    actor = AutoPeftModelForCausalLM.from_pretrained(out)
+    tokenizer = common.load_tokenizer(str(out), "left")
+    prompt = tokenizer("\n\nHuman: What color is the sky?\n\nAssistant:", return_tensors="pt")
+    generated = actor.generate(**prompt, max_new_tokens=10, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    with torch.no_grad():
+        assert torch.allclose(merged(**prompt).logits, actor(**prompt).logits, atol=1e-4)
+    critic = AutoPeftModelForSequenceClassification.from_pretrained(out / "critic", num_labels=1)
+    assert critic(**prompt).logits.shape == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# invariants, in-process
+# ---------------------------------------------------------------------------------------------------------------
+def test_first_iteration_invariants_with_lora(env, demo_models):
+    """KL 0 against the reference, generate()'s log-probs == scoring's, reference == SFT policy, reward from the
+    critic's backbone with its adapter off == standalone reward model, left padding changes nothing."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+    from trl import ModelConfig
+
+    torch.set_num_threads(1)
+    sft, reward_path = demo_models
+    args = ppo.PPOArguments(sft_model_path=sft, reward_model_path=reward_path, response_length=8, temperature=0.7,
+                            per_device_train_batch_size=4)
+    model_args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
+    paths = ppo.validate(args, model_args)
+    tokenizer = common.load_tokenizer(sft, "left")
+    model, reference, reward = ppo.build_models(args, model_args, tokenizer, tokenizer, paths)
+    assert reference is None and reward is None  # two weight copies: actor/reference and critic/reward
+    assert model.critic.get_base_model().model is model.critic.base_model.model.model
+
+    prompts = [row["prompt"] for row in common.synthetic_preference_rows(4, seed=5)]
+    queries, query_mask = ppo.left_pad([tokenizer(p)["input_ids"][-40:] for p in prompts],
+                                       tokenizer.pad_token_id, "cpu")
+    assert (query_mask == 0).any()  # the batch really is left-padded
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.actor.generate(input_ids=queries, attention_mask=query_mask, generation_config=GenerationConfig(
+            max_new_tokens=8, do_sample=True, temperature=0.7, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id), output_logits=True, return_dict_in_generate=True)
+    raw = out.sequences[:, queries.shape[1]:]
+    raw = torch.nn.functional.pad(raw, (0, 8 - raw.shape[1]), value=tokenizer.pad_token_id)
+    responses, response_mask, has_stop = ppo.truncate_after_stop(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    rollout = dict(queries=queries, responses=responses, response_mask=response_mask, has_stop=has_stop,
+                   input_ids=torch.cat([queries, responses], 1), attention_mask=torch.cat([query_mask, response_mask], 1))
+    accelerator = Accelerator(cpu=True)
+    scored = ppo.score_rollout(model, None, None, rollout, args, tokenizer, tokenizer, accelerator)
+    mask = response_mask.bool()
+
+    kl = ppo.kl_per_token(scored["logprobs"], scored["ref_logprobs"])[mask]
+    assert kl.abs().max() < 1e-4
+
+    generated_logprobs = torch.stack([torch.log_softmax(step.float() / 0.7, -1) for step in out.logits], 1)
+    generated_logprobs = generated_logprobs.gather(2, raw[:, :generated_logprobs.shape[1], None]).squeeze(2)
+    width = generated_logprobs.shape[1]
+    assert torch.allclose(generated_logprobs[mask[:, :width]], scored["logprobs"][:, :width][mask[:, :width]],
+                          atol=1e-4)
+
+    sft_model = AutoModelForCausalLM.from_pretrained(sft).eval()
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path).eval()
+    for i in range(len(prompts)):
+        ids = rollout["input_ids"][i][rollout["attention_mask"][i].bool()].unsqueeze(0)  # unpadded
+        n = int(response_mask[i].sum())
+        with torch.no_grad():
+            logits = sft_model(ids).logits[0, -n - 1:-1] / 0.7
+            expected = torch.log_softmax(logits, -1).gather(1, ids[0, -n:, None]).squeeze(1)
+            assert torch.allclose(scored["ref_logprobs"][i, :n], expected, atol=1e-4)
+            assert torch.allclose(scored["scores"][i], reward_model(ids).logits[0, 0], atol=1e-4)
+            unpadded_values = ppo.per_token_scores(model.critic, ids, torch.ones_like(ids))[0, -n - 1:-1]
+            assert torch.allclose(scored["values"][i, :n], unpadded_values, atol=1e-4)
+
+    # Training the critic (its LoRA and its copy of the head) must leave the reward model untouched.
+    with torch.no_grad():
+        for param in model.critic.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    rescored = ppo.score_rollout(model, None, None, rollout, args, tokenizer, tokenizer, accelerator)
+    assert torch.allclose(rescored["scores"], scored["scores"], atol=1e-5)
+    assert not torch.allclose(rescored["values"], scored["values"], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resume and signals
+# ---------------------------------------------------------------------------------------------------------------
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(env, demo_models, tmp_path):
+    common_flags = ["--save_steps", "2", "--lr_scheduler_type", "constant"]
+    run(ppo_run(demo_models, tmp_path / "straight", "--max_steps", "4", *common_flags), env)
+    run(ppo_run(demo_models, tmp_path / "resumed", "--max_steps", "2", *common_flags), env)
+    run(ppo_run(demo_models, tmp_path / "resumed", "--max_steps", "4", "--resume_from_checkpoint", "true",
+                *common_flags), env)
+    straight = torch.load(tmp_path / "straight" / "checkpoint-4" / "trainable_params.pt")
+    resumed = torch.load(tmp_path / "resumed" / "checkpoint-4" / "trainable_params.pt")
+    initial = torch.load(tmp_path / "resumed" / "checkpoint-2" / "trainable_params.pt")
+    assert straight.keys() == resumed.keys() and any("value" in k or "score" in k for k in straight)
+    for name in straight:
+        assert torch.allclose(straight[name], resumed[name], atol=1e-6, rtol=0), name
+    assert any(not torch.equal(straight[n], initial[n]) for n in straight)  # steps 3-4 did change the weights
+    assert [m["step"] for m in metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
+    assert [m["objective/scores"] for m in metrics(tmp_path / "resumed")] == pytest.approx(
+        [m["objective/scores"] for m in metrics(tmp_path / "straight")], abs=1e-6)
+
+
+def test_sigterm_finishes_the_step_writes_a_resumable_checkpoint_and_exits_0(env, demo_models, tmp_path):
+    out = tmp_path / "ppo"
+    process = subprocess.Popen([str(a) for a in ppo_run(demo_models, out, "--max_steps", "1000",
+                                                         "--save_steps", "1000")],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    newest = common.newest_complete_checkpoint(out)
+    assert newest is not None and "resume with --resume_from_checkpoint" in stdout
+    step = int(newest.split("-")[-1])
+    assert step == len(metrics(out)) >= 1
+    run(ppo_run(demo_models, out, "--max_steps", str(step + 1), "--resume_from_checkpoint", "true"), env)
+    assert [m["step"] for m in metrics(out)] == list(range(1, step + 2))
+    assert (out / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed
+# ---------------------------------------------------------------------------------------------------------------
+def test_two_processes_with_torchrun_gather_metrics(env, demo_models, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               *ppo_run(demo_models, out, "--max_steps", "2")[1:]]
+    run(command, env)
+    history = metrics(out)
+    assert [m["step"] for m in history] == [1, 2]
+    assert history[-1]["episode"] == 2 * 4 * 2  # steps * prompts per process * processes
+    assert (out / "adapter_model.safetensors").exists() and (out / "critic" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_cpu_offload_runs_two_iterations(env, demo_models, tmp_path):
+    out = tmp_path / "ds"
+    run(accelerate_script(*ppo_run(demo_models, out, "--max_steps", "2", "--save_steps", "2")[1:]), env)
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert common.checkpoint_is_complete(out / "checkpoint-2")
+    assert (out / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------------------
+def _no_prompt_file(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(50)))
+    return str(path)
+
+
+BAD_INPUT = {
+    "missing sft model": (lambda sft, rm, tmp: ["--sft_model_path", "/no/such/model"], "no such folder"),
+    "reward model not a classifier": (lambda sft, rm, tmp: ["--reward_model_path", sft],
+                                      "not a sequence classifier with one label"),
+    "dataset without prompts": (lambda sft, rm, tmp: ["--dataset_name", _no_prompt_file(tmp)],
+                                "missing column(s) prompt"),
+    "prompts all longer than the limit": (lambda sft, rm, tmp: ["--max_prompt_length", "4"], "the last turn of every prompt is longer"),
+    "generation batch does not divide": (lambda sft, rm, tmp: ["--generation_batch_size", "3"], "does not divide"),
+    "fewer prompts than a batch": (lambda sft, rm, tmp: ["--max_train_samples", "2"], "fewer than one rollout batch"),
+    "4-bit without LoRA": (lambda sft, rm, tmp: ["--load_in_4bit", "true", "--use_peft", "false"],
+                           "needs --use_peft"),
+    "unknown KL estimator": (lambda sft, rm, tmp: ["--kl_estimator", "k9"], "use k1 or k3"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(env, demo_models, tmp_path, capsys, case):
+    make_flags, message = BAD_INPUT[case]
+    sft, reward = demo_models
+    out = tmp_path / "out"
+    argv = [str(a) for a in ppo_run(demo_models, out)[2:] + make_flags(sft, reward, tmp_path)]
+    parsed = common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.main(*parsed)
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], error_lines
+    assert not out.exists()
+
+
+def test_bad_input_from_the_command_line(env, demo_models, tmp_path):
+    out = tmp_path / "out"
+    result = run(ppo_run(demo_models, out, "--reward_model_path", "/no/such/reward"), env, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --reward_model_path /no/such/reward")
+    assert not out.exists()
