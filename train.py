@@ -1,0 +1,255 @@
+"""All three RLHF steps in one command: SFT -> reward model -> PPO, each an `accelerate launch` subprocess.
+
+    python train.py --preset demo                          # offline, CPU, a few minutes -> out/demo/{sft,reward,ppo}
+    python train.py --preset opt-1.3b                      # the 24 GB GPU recipe (reward model OPT-350m)
+    python train.py --preset opt-1.3b --reward_model facebook/opt-1.3b
+    python train.py --preset demo --steps 3 --ppo_args "--max_steps 80 --kl_coef 0.1"
+
+Each step runs `accelerate launch --config_file ACCELERATE_CONFIG <step>.py --config recipes/PRESET/<step>.yaml`
+with its output folder OUTPUT_DIR/<step> and the previous steps' outputs wired in; the per-step extra arguments come
+last, so they override anything. A step that finished writes OUTPUT_DIR/<step>/step_complete.json (its metrics and
+duration) and is skipped on re-run (unless --force); a step that was interrupted resumes from its newest complete
+checkpoint. Logs: OUTPUT_DIR/logs/<step>.log, also streamed here with the step's name. Charts: OUTPUT_DIR/plots/.
+At the end a summary table, also in OUTPUT_DIR/summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import common
+import plots
+
+ROOT = Path(__file__).resolve().parent
+STEP_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
+SCRIPTS = {"sft": "sft.py", "reward": "reward.py", "ppo": "ppo.py"}
+DONE_FILE = "step_complete.json"
+TAIL_LINES = 20
+
+
+@dataclass
+class TrainArguments:
+    preset: str = field(default="demo", metadata={
+        "help": "Which recipes to run: recipes/PRESET/{sft,reward,ppo}.yaml. `demo` (offline tiny model, CPU) or "
+                "`opt-1.3b` (OPT-1.3b on one 24 GB GPU)."})
+    steps: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={
+        "help": "The steps to run, e.g. `--steps 2 3`; a later step uses the earlier steps' outputs in OUTPUT_DIR."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "The root folder (default out/PRESET): each step writes OUTPUT_DIR/sft, /reward, /ppo; logs, plots and "
+                "summary.json go next to them."})
+    accelerate_config: str = field(default="accelerate_config.yaml", metadata={
+        "help": "The accelerate config each step is launched with; `none` runs each step as plain `python`."})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "The reward model's starting point: `sft` (the step-1 output), `recipe` (the recipe's model, "
+                "facebook/opt-350m for opt-1.3b), or a hub id / folder (e.g. facebook/opt-1.3b, trained with LoRA). "
+                "Default: sft for demo, recipe for opt-1.3b."})
+    sft_args: str = field(default="", metadata={"help": "Extra arguments for sft.py, e.g. \"--lora_r 16\"."})
+    reward_args: str = field(default="", metadata={"help": "Extra arguments for reward.py."})
+    ppo_args: str = field(default="", metadata={"help": "Extra arguments for ppo.py, e.g. \"--max_steps 80\"."})
+    force: bool = field(default=False, metadata={
+        "help": "Re-run the chosen steps from scratch even if they finished (their folders are emptied first)."})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks and wiring
+# ----------------------------------------------------------------------------------------------------------------
+def validate(args: TrainArguments) -> dict[str, list[str]]:
+    """Everything checkable before a step starts; returns the per-step extra arguments, split."""
+    recipes = ROOT / "recipes" / args.preset
+    if not recipes.is_dir():
+        known = ", ".join(sorted(p.name for p in (ROOT / "recipes").iterdir() if p.is_dir()))
+        raise common.UserError(f"--preset {args.preset}: no folder recipes/{args.preset}; use one of {known}")
+    bad = [s for s in args.steps if s not in STEP_NAMES]
+    if bad or not args.steps:
+        raise common.UserError(f"--steps {' '.join(map(str, args.steps))}: give some of 1 (sft), 2 (reward), 3 (ppo)")
+    if args.accelerate_config != "none" and not Path(args.accelerate_config).is_file():
+        raise common.UserError(f"--accelerate_config {args.accelerate_config}: no such file; give an accelerate "
+                               "config (e.g. accelerate_config.yaml, configs/ddp.yaml) or `none` for plain python")
+    extra = {}
+    for name in STEP_NAMES.values():
+        try:
+            extra[name] = shlex.split(getattr(args, f"{name}_args"))
+        except ValueError as error:
+            raise common.UserError(f"--{name}_args {getattr(args, f'{name}_args')!r}: {error}; quote it as one "
+                                   "shell string, e.g. --sft_args \"--lora_r 16\"")
+    return extra
+
+
+def final_output(folder: Path) -> Path | None:
+    """Where a finished step's model is: the merged model when there is one (the next steps load it faster)."""
+    for candidate in (folder / "merged", folder):
+        if (candidate / "config.json").exists() or (candidate / "adapter_config.json").exists():
+            return candidate
+    return None
+
+
+def needed_output(root: Path, step: str, flag: str, extra: list[str]) -> list[str]:
+    """`flag PATH` with a previous step's output; nothing when the user's extra arguments set the flag themselves."""
+    if flag in extra:
+        return []
+    found = final_output(root / step)  # steps move their final model in last, so its presence means finished
+    if found is None:
+        raise common.UserError(f"{root / step} holds no finished {step} step; run it first (add its number to "
+                               f"--steps) or pass `{flag} PATH` in the next step's extra arguments")
+    return [flag, str(found)]
+
+
+def step_command(args: TrainArguments, name: str, root: Path, extra: dict[str, list[str]], resume: bool) -> list[str]:
+    """The launch command of one step: launcher, script, recipe, output folder, wiring, resume, the user's extras."""
+    if args.accelerate_config == "none":
+        launcher = [sys.executable]
+    else:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(Path(args.accelerate_config).resolve())]
+    command = launcher + [str(ROOT / SCRIPTS[name]), "--config", str(ROOT / "recipes" / args.preset / f"{name}.yaml"),
+                          "--output_dir", str(root / name)]
+    if name == "reward":
+        choice = args.reward_model or ("sft" if args.preset == "demo" else "recipe")
+        if choice == "sft":
+            command += needed_output(root, "sft", "--model_name_or_path", extra[name])
+        elif choice != "recipe":
+            # The recipes' full fine-tuning is sized for their own reward model; a larger one trains with LoRA.
+            command += ["--model_name_or_path", choice] + ([] if args.preset == "demo" else ["--use_peft", "true"])
+    if name == "ppo":
+        command += needed_output(root, "sft", "--sft_model_path", extra[name])
+        command += needed_output(root, "reward", "--reward_model_path", extra[name])
+    if resume:
+        command += ["--resume_from_checkpoint", "true"]
+    return command + extra[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a step
+# ----------------------------------------------------------------------------------------------------------------
+def run_step(name: str, command: list[str], log_path: Path) -> tuple[int, list[str]]:
+    """Run one step, its output appended to its log and streamed as `[name] line`; return (exit code, last lines)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # lines arrive as they are printed, not at exit
+    env.setdefault("TQDM_MININTERVAL", "5")  # progress bars become one line per update here: keep them few
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, errors="replace", bufsize=1)
+        try:
+            for line in process.stdout:  # text mode turns tqdm's \r redraws into lines too
+                log.write(line)
+                log.flush()
+                tail.append(line.rstrip("\n"))
+                print(f"[{name}] {line}", end="", flush=True)
+            return process.wait(), list(tail)
+        except KeyboardInterrupt:
+            # Ctrl-C reached the step too (same process group): let it checkpoint and stop, then say how to go on.
+            process.wait()
+            print(f"\ninterrupted during step {name}; run the same command again to resume it", file=sys.stderr)
+            sys.exit(130)
+
+
+def step_metrics(name: str, folder: Path) -> dict:
+    """The headline numbers of a finished step, read from what it wrote."""
+    if name in ("sft", "reward"):
+        results = folder / "eval_results.json"
+        data = json.loads(results.read_text()) if results.exists() else {}
+        keys = ["eval_perplexity", "eval_loss"] if name == "sft" else ["eval_accuracy", "eval_margin"]
+        return {k: data[k] for k in keys if k in data}
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+        if (folder / "metrics.jsonl").exists() else []
+    if not rows:
+        return {}
+    return {"steps": rows[-1]["step"], "score_start": rows[0]["objective/scores"],
+            "score_end": rows[-1]["objective/scores"], "kl_end": rows[-1]["objective/kl"]}
+
+
+def headline(name: str, metrics: dict) -> str:
+    if not metrics:
+        return "-"
+    if name == "sft":
+        return f"eval perplexity {metrics['eval_perplexity']:.3f}"
+    if name == "reward":
+        return f"eval accuracy {metrics['eval_accuracy']:.3f}, margin {metrics.get('eval_margin', float('nan')):.3f}"
+    return f"score {metrics['score_start']:.3f} -> {metrics['score_end']:.3f}, KL {metrics['kl_end']:.3f}"
+
+
+def collect_plot(name: str, folder: Path, plots_dir: Path) -> str | None:
+    """Draw the step's chart (again: cheap, and the step script may not have) and copy it to OUTPUT_DIR/plots."""
+    try:
+        path = plots.plot_step(name, folder)
+    except Exception as error:  # a chart must not cost a finished training run
+        print(f"warning: could not plot step {name}: {common.describe(error)}", file=sys.stderr)
+        return None
+    if path is None:
+        return None
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    return str(shutil.copy(path, plots_dir / path.name))
+
+
+def print_summary(rows: list[dict]) -> None:
+    header = ("step", "status", "time", "headline", "output")
+    table = [header] + [(r["step"], r["status"], f"{r['duration_s']:.0f}s", headline(r["step"], r["metrics"]),
+                         r["output"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    print()
+    for i, row in enumerate(table):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+@common.exit_on_user_error
+def main(args: TrainArguments) -> list[dict]:
+    extra = validate(args)
+    root = Path(args.output_dir or f"out/{args.preset}").resolve()  # the steps run from the project root
+    summary = []
+    for number in sorted(set(args.steps)):
+        name = STEP_NAMES[number]
+        folder = root / name
+        done_file = folder / DONE_FILE
+        if args.force and folder.exists():
+            shutil.rmtree(folder)
+        if done_file.exists():
+            done = json.loads(done_file.read_text())
+            print(f"[{name}] skipped: finished before ({done_file}); --force runs it again", flush=True)
+            summary.append({**done, "status": "skipped", "plot": collect_plot(name, folder, root / "plots")})
+            continue
+        checkpoint = common.newest_complete_checkpoint(folder)
+        command = step_command(args, name, root, extra, resume=checkpoint is not None)
+        if checkpoint:
+            print(f"[{name}] resuming the interrupted step from {checkpoint}", flush=True)
+        print(f"[{name}] step {number}: {shlex.join(command)}", flush=True)
+        started = time.time()
+        code, tail = run_step(name, command, root / "logs" / f"{name}.log")
+        duration = time.time() - started
+        if code == 0 and final_output(folder) is None:
+            code = 1  # e.g. ppo.py stopped on a signal after a checkpoint: it exits 0 but did not finish
+            tail.append(f"(step {name} exited 0 without writing its final model to {folder})")
+        if code != 0:
+            print(f"\nerror: step {number} ({name}) failed with exit code {code}; the last {len(tail)} lines of "
+                  f"{root / 'logs' / f'{name}.log'}:", file=sys.stderr)
+            print("\n".join(f"  {line}" for line in tail), file=sys.stderr, flush=True)
+            sys.exit(code)
+        record = {"step": name, "duration_s": round(duration, 1), "metrics": step_metrics(name, folder),
+                  "output": str(final_output(folder)), "command": command,
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        common.write_json(done_file, record)  # written last: its presence means the step finished
+        summary.append({**record, "status": "ran", "plot": collect_plot(name, folder, root / "plots")})
+
+    print_summary(summary)
+    common.write_json(root / "summary.json", {"preset": args.preset, "output_dir": str(root), "steps": summary})
+    print(f"\nsummary: {root / 'summary.json'}; charts: {root / 'plots'}; logs: {root / 'logs'}")
+    return summary
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    main(HfArgumentParser(TrainArguments).parse_args_into_dataclasses()[0])
