@@ -631,3 +631,12 @@ def save_trainer_output(trainer, output_dir: str, merge_adapter: bool, merged_cl
             logger.warning("--merge_adapter: the model has no adapter (full fine-tuning); nothing to merge")
         move_into(staging, output_dir)
     trainer.accelerator.wait_for_everyone()
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write JSON atomically (a .partial file renamed into place), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
