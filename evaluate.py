@@ -1,0 +1,293 @@
+"""Evaluate the steps' outputs on held-out data: any mix of SFT perplexity, reward accuracy, and policies' answers.
+
+    python evaluate.py --dataset_name builtin:synthetic --sft_model_path out/demo/sft \
+        --reward_model_path out/demo/reward \
+        --policies base=builtin:tiny-opt sft=out/demo/sft ppo=out/demo/ppo --show 3 --output_dir out/demo/eval
+
+- `--sft_model_path`: perplexity of the chosen answers (answer tokens only, as sft.py trains) on the eval split;
+- `--reward_model_path`: accuracy (chosen scored above rejected) and mean margin on the eval pairs;
+- `--policies name=path ...`: each policy answers the held-out prompts (sampled, the same seed for all); reported:
+  the reward model's mean score, the win rate against the reference policy (`--reference`, default sft: the
+  fraction of prompts where the reward model scores this policy's answer higher, ties counting half), the KL to the
+  reference (per answer, estimated from the log-probs of the sampled tokens as ppo.py does), mean length and EOS rate;
+- `--show N` prints N prompts with every policy's answer and score side by side (DeepSpeed-Chat's prompt_eval).
+
+The eval rows are the dataset's test split, or the rows the steps held out (same --eval_fraction and seed).
+A table on screen; OUTPUT_DIR/eval_results.json with every number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import common
+import ppo
+
+
+@dataclass
+class EvalArguments:
+    sft_model_path: str | None = field(default=None, metadata={
+        "help": "An SFT output (model or adapter folder): report its perplexity on the eval answers."})
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "A reward model (reward.py's output): report accuracy and margin on the eval pairs, and score the "
+                "policies' answers."})
+    policies: list[str] = field(default_factory=list, metadata={
+        "help": "Policies to compare, as name=path (model folder, adapter folder, hub id or builtin:tiny-opt), e.g. "
+                "base=builtin:tiny-opt sft=out/demo/sft ppo=out/demo/ppo."})
+    reference: str = field(default="sft", metadata={
+        "help": "The policy name that win rates and KL are measured against (ppo.py's reference is the SFT policy)."})
+    output_dir: str = field(default="out/eval", metadata={"help": "Where eval_results.json is written."})
+    max_length: int = field(default=512, metadata={"help": "Longest prompt + answer for perplexity and accuracy."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Prompts are cut from the left to this length."})
+    max_prompts: int = field(default=64, metadata={"help": "How many held-out prompts the policies answer."})
+    response_length: int = field(default=64, metadata={"help": "Most new tokens per answer."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature (1.0: the policy itself, which the KL estimate assumes)."})
+    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens (0: all)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per forward pass or generate() call."})
+    show: int = field(default=0, metadata={"help": "Print this many prompts with each policy's answer."})
+    seed: int = field(default=42, metadata={"help": "Seed of the sampling (the same for every policy)."})
+
+    @property
+    def generation_batch_size(self) -> int:  # the name ppo.generate_responses reads
+        return self.batch_size
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(path: str, flag: str, auto_class, **kwargs):
+    """A model (adapter folders merged into their base) in eval mode, and its tokenizer padded on the left."""
+    from trl import ModelConfig
+
+    resolved = common.resolve_model_path(path, flag)
+    model = common.load_model(ModelConfig(model_name_or_path=resolved), auto_class, resolved, flag, **kwargs)
+    return model.to(device()).eval(), common.load_tokenizer(resolved, padding_side="left")
+
+
+def parse_policies(entries: list[str]) -> dict[str, str]:
+    policies = {}
+    for entry in entries:
+        name, _, path = entry.partition("=")
+        if not name or not path:
+            raise common.UserError(f"--policies {entry}: write each policy as name=path, e.g. sft=out/demo/sft")
+        if name in policies:
+            raise common.UserError(f"--policies: the name {name!r} is given twice; give each policy its own name")
+        policies[name] = path
+    return policies
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SFT perplexity and reward accuracy
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sft_perplexity(args: EvalArguments, data_args: common.DataArguments) -> dict:
+    """exp(mean cross-entropy over the chosen answers' tokens), the quantity sft.py reports as eval_perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load(args.sft_model_path, "--sft_model_path", AutoModelForCausalLM)
+    _, rows = common.load_step_data(data_args, "sft")
+    encoded, _ = common.tokenize_for_step(rows, tokenizer, "sft", args.max_length)
+    total, count = 0.0, 0
+    for part in ppo.chunks(len(encoded), args.batch_size):
+        batch = encoded[part]
+        ids, mask = ppo.left_pad(batch["input_ids"], tokenizer.pad_token_id, device())
+        answer, _ = ppo.left_pad(batch["completion_mask"], 0, device())
+        logits = ppo.policy_logits(model, ids, mask)[:, :-1]
+        logprobs = ppo.logprobs_from_logits(logits, ids[:, 1:], 1.0)
+        total -= (logprobs * answer[:, 1:]).sum().item()
+        count += answer[:, 1:].sum().item()
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "rows": len(encoded)}
+
+
+@torch.no_grad()
+def sequence_scores(reward_model, sequences: list[list[int]], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """The reward model's score at each sequence's last token (left padding), as ppo.py scores rollouts."""
+    scores = []
+    for part in ppo.chunks(len(sequences), batch_size):
+        ids, mask = ppo.left_pad(sequences[part], pad_token_id, device())
+        per_token = ppo.per_token_scores(reward_model, ids, mask)
+        scores.append(per_token.gather(1, ppo.last_token_index(mask).unsqueeze(1)).squeeze(1).cpu())
+    return torch.cat(scores)
+
+
+def reward_accuracy(reward_model, reward_tokenizer, args: EvalArguments, data_args: common.DataArguments) -> dict:
+    _, rows = common.load_step_data(data_args, "reward")
+    encoded, _ = common.tokenize_for_step(rows, reward_tokenizer, "reward", args.max_length)
+    pad = reward_tokenizer.pad_token_id
+    chosen = sequence_scores(reward_model, encoded["chosen_ids"], pad, args.batch_size)
+    rejected = sequence_scores(reward_model, encoded["rejected_ids"], pad, args.batch_size)
+    return {"eval_accuracy": (chosen > rejected).float().mean().item(),
+            "eval_margin": (chosen - rejected).mean().item(), "pairs": len(encoded)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Policies: answers, scores, KL
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def answer(model, tokenizer, prompts: list[str], args: EvalArguments) -> dict:
+    """Sampled answers to the prompts (cut from the left as ppo.py cuts them) and their log-probs."""
+    import datasets
+
+    encoded, _ = common.tokenize_for_step(datasets.Dataset.from_dict({"prompt": prompts}), tokenizer, "ppo",
+                                          args.max_prompt_length, args.max_prompt_length)
+    queries, query_mask = ppo.left_pad(encoded["input_ids"], tokenizer.pad_token_id, device())
+    torch.manual_seed(args.seed)  # every policy samples with the same seed
+    raw = ppo.generate_responses(model, queries, query_mask, args, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses, response_mask, has_stop = ppo.truncate_after_stop(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    rollout = dict(queries=queries, query_mask=query_mask, responses=responses, response_mask=response_mask,
+                   has_stop=has_stop, tokenizer=tokenizer)
+    rollout["logprobs"] = sequence_logprobs(model, rollout, args)
+    return rollout
+
+
+def sequence_logprobs(model, rollout: dict, args: EvalArguments) -> torch.Tensor:
+    """Sum of log-probs of each answer's tokens under `model` (at the sampling temperature)."""
+    out = []
+    context = rollout["queries"].shape[1]
+    for part in ppo.chunks(len(rollout["queries"]), args.batch_size):
+        ids = torch.cat([rollout["queries"][part], rollout["responses"][part]], 1)
+        mask = torch.cat([rollout["query_mask"][part], rollout["response_mask"][part]], 1)
+        logits = ppo.policy_logits(model, ids, mask)[:, context - 1 : -1]
+        logprobs = ppo.logprobs_from_logits(logits, rollout["responses"][part], args.temperature)
+        out.append((logprobs * rollout["response_mask"][part]).sum(1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def score_answers(reward_model, reward_tokenizer, rollout: dict, batch_size: int) -> torch.Tensor:
+    """The reward model's scores of prompt + answer (through text when the tokenizers differ, as in ppo.py)."""
+    scores = []
+    for part in ppo.chunks(len(rollout["queries"]), batch_size):
+        ids = torch.cat([rollout["queries"][part], rollout["responses"][part]], 1)
+        mask = torch.cat([rollout["query_mask"][part], rollout["response_mask"][part]], 1)
+        scores.append(ppo.reward_scores(reward_model, False, ids, mask, rollout, part, rollout["tokenizer"],
+                                        reward_tokenizer).cpu())
+    return torch.cat(scores)
+
+
+def decode_answers(rollout: dict) -> list[str]:
+    tokenizer = rollout["tokenizer"]
+    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+            for r, m in zip(rollout["responses"], rollout["response_mask"])]
+
+
+def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, data_args) -> tuple[dict, dict]:
+    """Each policy's numbers, and the answers (for --show). Models are loaded one at a time, plus the reference."""
+    from transformers import AutoModelForCausalLM
+
+    _, rows = common.load_step_data(data_args, "ppo")
+    prompts = rows["prompt"][: args.max_prompts]
+    reference = None
+    if args.reference in policies:
+        reference = load(policies[args.reference], f"--policies {args.reference}", AutoModelForCausalLM)
+    results, rollouts = {}, {}
+    for name, path in policies.items():
+        model, tokenizer = reference if name == args.reference else load(path, f"--policies {name}",
+                                                                         AutoModelForCausalLM)
+        rollout = answer(model, tokenizer, prompts, args)
+        numbers = {"path": path, "mean_length": rollout["response_mask"].sum(1).float().mean().item(),
+                   "eos_rate": rollout["has_stop"].float().mean().item()}
+        if reference is not None and ppo.same_tokenizer(tokenizer, reference[1]):
+            # k1 estimate of KL(policy || reference) per answer: E[log p(answer) - log q(answer)] over samples.
+            numbers["kl_to_reference"] = (rollout["logprobs"] - sequence_logprobs(reference[0], rollout,
+                                                                                  args)).mean().item()
+        if reward is not None:
+            rollout["scores"] = score_answers(reward[0], reward[1], rollout, args.batch_size)
+            numbers["reward_mean"] = rollout["scores"].mean().item()
+            numbers["reward_std"] = rollout["scores"].std().item() if len(prompts) > 1 else 0.0
+        results[name], rollouts[name] = numbers, rollout
+        del model
+    if reward is not None and args.reference in rollouts:
+        ref_scores = rollouts[args.reference]["scores"]
+        for name in results:
+            scores = rollouts[name]["scores"]
+            results[name][f"win_rate_vs_{args.reference}"] = ((scores > ref_scores).float().mean()
+                                                              + 0.5 * (scores == ref_scores).float().mean()).item()
+    return results, {"prompts": prompts, **{name: rollout for name, rollout in rollouts.items()}}
+
+
+def show_answers(answers: dict, count: int) -> None:
+    names = [name for name in answers if name != "prompts"]
+    texts = {name: decode_answers(answers[name]) for name in names}
+    for i, prompt in enumerate(answers["prompts"][:count]):
+        print(f"\n========== prompt {i + 1} ==========\n{prompt.strip()[-500:]}")
+        for name in names:
+            score = answers[name].get("scores")
+            note = f" (score {score[i].item():.3f})" if score is not None else ""
+            print(f"---------- {name}{note}\n{texts[name][i]}")
+
+
+def print_table(results: dict) -> None:
+    print()
+    if "sft" in results:
+        print(f"SFT perplexity on {results['sft']['rows']} eval answers: {results['sft']['eval_perplexity']:.3f}")
+    if "reward" in results:
+        r = results["reward"]
+        print(f"Reward model on {r['pairs']} eval pairs: accuracy {r['eval_accuracy']:.3f}, "
+              f"mean margin {r['eval_margin']:.3f}")
+    policies = results.get("policies", {})
+    if policies:
+        columns = ["reward_mean"] + sorted({k for p in policies.values() for k in p if k.startswith("win_rate")}) + \
+                  ["kl_to_reference", "mean_length", "eos_rate"]
+        table = [["policy"] + columns] + [[name] + [f"{p[c]:.3f}" if c in p else "-" for c in columns]
+                                          for name, p in policies.items()]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for i, row in enumerate(table):
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+            if i == 0:
+                print("  ".join("-" * width for width in widths))
+
+
+@common.exit_on_user_error
+def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    common.setup_logging()
+    policies = parse_policies(args.policies)
+    if not (args.sft_model_path or args.reward_model_path or policies):
+        raise common.UserError("nothing to evaluate: give --sft_model_path, --reward_model_path and/or --policies")
+    for flag in ("max_prompts", "response_length", "batch_size", "max_length", "max_prompt_length"):
+        if getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    for flag, path in [("--sft_model_path", args.sft_model_path), ("--reward_model_path", args.reward_model_path),
+                       *[(f"--policies {n}", p) for n, p in policies.items()]]:
+        if path:
+            common.resolve_model_path(path, flag)  # a missing folder fails here, before any model is loaded
+    if args.reward_model_path:
+        ppo.check_reward_model(common.resolve_model_path(args.reward_model_path, "--reward_model_path"),
+                               "--reward_model_path")
+
+    results = {"dataset": data_args.dataset_name}
+    if args.sft_model_path:
+        results["sft"] = {"path": args.sft_model_path, **sft_perplexity(args, data_args)}
+    reward = None
+    if args.reward_model_path:
+        reward = load(args.reward_model_path, "--reward_model_path", AutoModelForSequenceClassification, num_labels=1)
+        results["reward"] = {"path": args.reward_model_path,
+                             **reward_accuracy(reward[0], reward[1], args, data_args)}
+    if policies:
+        results["policies"], answers = evaluate_policies(policies, reward, args, data_args)
+        results["policy_settings"] = {"prompts": len(answers["prompts"]), "reference": args.reference,
+                                      "response_length": args.response_length, "temperature": args.temperature,
+                                      "seed": args.seed}
+        if args.show:
+            show_answers(answers, args.show)
+    print_table(results)
+    path = Path(args.output_dir) / "eval_results.json"
+    common.write_json(path, results)
+    print(f"\nresults: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    main(*HfArgumentParser((EvalArguments, common.DataArguments)).parse_args_into_dataclasses())
