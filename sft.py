@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
 import common
+import plots
 
 ARGUMENTS = (common.DataArguments, SFTConfig, ModelConfig)
 
@@ -64,6 +65,10 @@ def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: 
     common.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter, AutoModelForCausalLM)
     trainer.accelerator.print(f"SFT done: eval perplexity {metrics['eval_perplexity']:.3f}, model in "
                               f"{training_args.output_dir}")
+    if trainer.is_world_process_zero():
+        # Trainer keeps the full log history only in checkpoints: save the final one too, and chart it.
+        trainer.state.save_to_json(f"{training_args.output_dir}/trainer_state.json")
+        plots.plot_sft(training_args.output_dir)
     trainer.accelerator.end_training()
 
 
