@@ -230,3 +230,27 @@ def test_bad_column_in_a_user_file_names_file_row_and_column(script_env, tmp_pat
                  script_env, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"error: {data} [train]: row 17, column 'rejected' is empty" in result.stderr
+
+
+@pytest.mark.parametrize("completion_only_loss", [True, False])
+def test_sft_learns_the_answer_only_unless_told_otherwise(script_env, tmp_path, completion_only_loss):
+    """Our tokenized rows (input_ids + completion_mask) become labels with the prompt masked out, by default."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    import sft
+
+    path = common.resolve_model_path(common.BUILTIN_MODEL)
+    tokenizer = common.load_tokenizer(path)
+    rows = datasets.Dataset.from_list(common.synthetic_preference_rows(4, seed=0))
+    encoded, _ = common.tokenize_for_step(rows, tokenizer, "sft", max_length=128)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                     completion_only_loss=completion_only_loss)
+    trainer = sft.PerplexitySFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args,
+                                       train_dataset=encoded, processing_class=tokenizer)
+    for prepared, source in zip(trainer.train_dataset, encoded):
+        expected = [t if m or not completion_only_loss else -100
+                    for t, m in zip(source["input_ids"], source["completion_mask"])]
+        assert prepared["labels"] == expected
+        assert prepared["labels"][-1] == tokenizer.eos_token_id, "the model learns to stop"
