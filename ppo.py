@@ -653,6 +653,9 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
     from tqdm.auto import tqdm
 
     paths = validate(args, model_args)
+    # accelerate launch exports the DeepSpeed config's "auto" here; the PPO arguments decide, as in TRL's trainers.
+    if os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") == "auto":
+        del os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
     accelerator = Accelerator(cpu=args.use_cpu, mixed_precision="bf16" if args.bf16 else None,
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=None if args.report_to == "none" else args.report_to.split(","),

@@ -272,3 +272,20 @@ def test_bad_input_from_the_command_line(env, demo_models, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --reward_model_path /no/such/reward")
     assert not out.exists()
+
+
+def test_non_finite_score_stops_with_a_message_and_keeps_the_last_checkpoint(env, demo_models, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    broken = tmp_path / "nan-reward"
+    model = AutoModelForSequenceClassification.from_pretrained(demo_models[1])
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    common.load_tokenizer(demo_models[1]).save_pretrained(broken)
+    out = tmp_path / "ppo"
+    result = run(ppo_run(demo_models, out, "--reward_model_path", broken, "--max_steps", "3", "--save_steps", "1"),
+                 env, check=False)
+    assert result.returncode == 3
+    assert "non-finite objective/scores" in result.stderr
+    assert common.newest_complete_checkpoint(out) is None and not (out / "adapter_model.safetensors").exists()

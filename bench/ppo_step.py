@@ -1,0 +1,105 @@
+"""Time PPO iterations: generation / scoring / update seconds, tokens per second and peak memory.
+
+    python bench/ppo_step.py --config recipes/demo/ppo.yaml --sft_model_path out/demo/sft \
+        --reward_model_path out/demo/reward --bench_steps 5
+    python bench/ppo_step.py --config recipes/opt-1.3b/ppo.yaml \
+        --actor_config ../shared/model-configs/opt-1.3b.json --reward_config ../shared/model-configs/opt-1.3b.json
+
+It runs ppo.py's own loop (ppo.main) for --bench_steps iterations into a temporary output_dir, then prints the
+per-iteration split from metrics.jsonl; the first iteration is reported apart (warm-up). --actor_config /
+--reward_config build random-weight models from an architecture config (e.g. OPT-1.3b), saved as temporary
+checkpoints in --dtype, with the demo tokenizer: no hub access, the speed and memory of the real architecture.
+Any ppo.py flag can be added.
+"""
+
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+import ppo  # noqa: E402
+
+
+@dataclass
+class BenchArguments:
+    bench_steps: int = field(default=5, metadata={"help": "PPO iterations to time."})
+    actor_config: str | None = field(default=None, metadata={"help": "Build a random-weight actor/SFT policy from "
+                                     "this config.json (e.g. ../shared/model-configs/opt-1.3b.json)."})
+    reward_config: str | None = field(default=None, metadata={"help": "Build a random-weight reward model (one "
+                                      "label) from this config.json."})
+
+
+def build_random(config_file: str, kind: str, target: Path, dtype: str) -> str:
+    """A random-weight model of the given architecture, with the demo tokenizer's special tokens."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer = common.load_tokenizer(common.resolve_model_path(common.BUILTIN_MODEL))
+    config_dict = json.loads(Path(config_file).read_text())
+    config = AutoConfig.for_model(**config_dict)
+    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    if kind == "reward":
+        config.num_labels = 1
+        config.architectures = [config.architectures[0].replace("ForCausalLM", "ForSequenceClassification")]
+    auto = AutoModelForCausalLM if kind == "actor" else AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    model = auto.from_config(config, dtype=getattr(torch, dtype))
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def main():
+    bench_args, data_args, args, model_args = common.parse_args(
+        (BenchArguments, common.DataArguments, ppo.PPOArguments, ppo.ModelConfig))
+    common.setup_logging()
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
+        dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+        if bench_args.actor_config:
+            args.sft_model_path = build_random(bench_args.actor_config, "actor", Path(tmp) / "actor", dtype)
+        if bench_args.reward_config:
+            args.reward_model_path = build_random(bench_args.reward_config, "reward", Path(tmp) / "reward", dtype)
+        args.output_dir = str(Path(tmp) / "ppo")
+        args.max_steps, args.total_episodes = bench_args.bench_steps, None
+        args.save_steps, args.sample_every, args.resume_from_checkpoint = 10**9, 0, None
+        history = ppo.main(data_args, args, model_args)
+    if not history:
+        return
+    report(history, args)
+
+
+def report(history, args):
+    keys = ("time/generation_s", "time/scoring_s", "time/update_s")
+    rows = [history[0]] + ([] if len(history) == 1 else [None])
+    print(f"\nPPO bench: {len(history)} iterations, rollout batch {args.local_rollout_batch_size} per process, "
+          f"response_length {args.response_length}")
+    print(f"{'':>22} {'generation':>11} {'scoring':>9} {'update':>9} {'total':>9} {'tokens/s':>9}")
+
+    def line(name, ms):
+        values = [statistics.mean(m[k] for m in ms) for k in keys]
+        tokens = statistics.mean(m["tokens_per_s"] for m in ms)
+        print(f"{name:>22} {values[0]:>10.3f}s {values[1]:>8.3f}s {values[2]:>8.3f}s {sum(values):>8.3f}s "
+              f"{tokens:>9.1f}")
+
+    line("first (warm-up)", history[:1])
+    if len(rows) > 1:
+        line(f"mean of next {len(history) - 1}", history[1:])
+    print(f"mean response length {statistics.mean(m['response_length_avg'] for m in history):.1f} tokens; "
+          f"peak memory {max(m['memory/peak_gb'] for m in history):.2f} GiB "
+          f"({'CUDA max allocated' if history[-1].get('memory/peak_gb') and _cuda() else 'CPU max RSS'})")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
