@@ -589,8 +589,12 @@ class StopRequested:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        """Give the caller (a test, the bench) its own handlers back."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         logger.warning(f"received {signal.Signals(signum).name}: finishing this step, then checkpoint and exit")
@@ -884,8 +888,10 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
             accelerator.print(f"stopped at step {step} on request; resume with --resume_from_checkpoint "
                               f"{last_checkpoint}")
             accelerator.end_training()
+            stop.restore()
             return history
     progress.close()
+    stop.restore()
 
     save_final(accelerator, model, args, data_args, model_args, tokenizer, paths)
     if history:
