@@ -174,9 +174,12 @@ def score_answers(reward_model, reward_tokenizer, rollout: dict, batch_size: int
 
 
 def decode_answers(rollout: dict) -> list[str]:
+    """The answers as text; control characters (an untrained model emits any byte) shown as '?' to keep the
+    terminal sane."""
     tokenizer = rollout["tokenizer"]
-    return [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
-            for r, m in zip(rollout["responses"], rollout["response_mask"])]
+    texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+             for r, m in zip(rollout["responses"], rollout["response_mask"])]
+    return ["".join(c if c.isprintable() or c == "\n" else "?" for c in text) for text in texts]
 
 
 def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, data_args) -> tuple[dict, dict]:

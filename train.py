@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,18 +142,29 @@ def run_step(name: str, command: list[str], log_path: Path) -> tuple[int, list[s
         log.flush()
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, errors="replace", bufsize=1)
+        terminated = []
+
+        def forward(signum, frame):  # `kill PID` of train.py: pass it on, so the step can checkpoint and stop
+            terminated.append(signum)
+            process.send_signal(signum)
+
+        previous = signal.signal(signal.SIGTERM, forward)
         try:
             for line in process.stdout:  # text mode turns tqdm's \r redraws into lines too
                 log.write(line)
                 log.flush()
                 tail.append(line.rstrip("\n"))
                 print(f"[{name}] {line}", end="", flush=True)
-            return process.wait(), list(tail)
-        except KeyboardInterrupt:
-            # Ctrl-C reached the step too (same process group): let it checkpoint and stop, then say how to go on.
+            code = process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the step too (same process group): let it checkpoint and stop
             process.wait()
+            terminated.append(signal.SIGINT)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if terminated:
             print(f"\ninterrupted during step {name}; run the same command again to resume it", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(128 + terminated[0])
+        return code, list(tail)
 
 
 def step_metrics(name: str, folder: Path) -> dict:
