@@ -10,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+# The test models are tiny: one thread per process is fastest, and keeps parallel processes from thrashing 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):
@@ -26,7 +28,7 @@ def script_env(tmp_path_factory):
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONPATH=str(ROOT),
-        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+        OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"],
     )
     os.environ["SIMPLE_RLHF_CACHE"] = env["SIMPLE_RLHF_CACHE"]  # in-process calls share the cache
     return env
