@@ -146,9 +146,20 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Zero mean (unless shift_mean is false: then the mean is kept), unit variance over the masked entries."""
-    mean, variance = masked_mean(values, mask), masked_var(values, mask)
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_all=None) -> torch.Tensor:
+    """Zero mean (unless shift_mean is false: then the mean is kept), unit variance over the masked entries.
+
+    sum_all sums a tensor over processes (e.g. `lambda t: accelerator.reduce(t, "sum")`): then mean and variance
+    are those of the whole global batch, so N processes whiten exactly as one process with all N batches would.
+    """
+    if sum_all is None:
+        mean, variance = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        # Two passes (sum and count, then squared deviations): steadier in float32 than sum of squares - mean^2.
+        total, count = sum_all(torch.stack([(values * mask).sum(), mask.sum()]).float()).unbind()
+        mean = total / count.clamp(min=1)
+        squares = sum_all(((values - mean) ** 2 * mask).sum().float())
+        variance = squares / (count - 1).clamp(min=1)  # unbiased, as masked_var
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -784,11 +795,13 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         rewards = non_score_reward.clone()
         last = last_token_index(response_mask)
         rewards[torch.arange(len(rewards), device=device), last] += scores
+        # Whitening statistics over all processes' rollouts, so N processes do the math of one with N batches.
+        sum_all = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
         if args.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_all=sum_all)
         advantages = compute_gae(rewards, values, args.gamma, args.lam) * mask
         returns = advantages + values
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, sum_all=sum_all)
         scored_at = time.perf_counter()
 
         # --- 4. update ----------------------------------------------------------------------------------------

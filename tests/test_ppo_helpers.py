@@ -139,3 +139,44 @@ def test_disable_dropout_reaches_opt_functional_dropout():
     assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is really on
     ppo.disable_dropout(model)
     assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def _whiten_half(rank: int, world_size: int, port: int, values, mask, results):
+    """One of two gloo processes: whiten its half of the batch with statistics summed over both."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+
+    def sum_all(tensor):
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    half = slice(rank * 2, rank * 2 + 2)
+    results[rank] = ppo.masked_whiten(values[half], mask[half], sum_all=sum_all)
+    results[f"local{rank}"] = ppo.masked_whiten(values[half], mask[half])
+    dist.destroy_process_group()
+
+
+def test_whitening_across_two_processes_equals_one_process_over_the_whole_batch():
+    """ppo.py whitens advantages with statistics summed over processes: two processes holding half the rollout
+    each must get exactly what one process holding all of it gets (per-process whitening does not)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    values = torch.randn(4, 6) * torch.tensor([[1.0], [1.0], [5.0], [5.0]]) + torch.tensor([[0.0], [0.0], [3.0], [3.0]])
+    mask = torch.ones(4, 6)
+    mask[0, 4:] = mask[3, 2:] = 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    # fork, not spawn: the children need not re-import torch and transformers (seconds each on a small machine)
+    mp.start_processes(_whiten_half, args=(2, port, values, mask, results), nprocs=2, start_method="fork")
+    whole = ppo.masked_whiten(values, mask)
+    assert torch.allclose(torch.cat([results[0], results[1]]), whole, atol=1e-5)
+    assert not torch.allclose(torch.cat([results["local0"], results["local1"]]), whole, atol=1e-2)
+    # One process with no sum_all is unchanged, and the distributed form with an identity sum is the same math.
+    assert torch.allclose(ppo.masked_whiten(values, mask, sum_all=lambda t: t), whole, atol=1e-6)
