@@ -93,15 +93,27 @@ def final_output(folder: Path) -> Path | None:
     return None
 
 
-def needed_output(root: Path, step: str, flag: str, extra: list[str]) -> list[str]:
-    """`flag PATH` with a previous step's output; nothing when the user's extra arguments set the flag themselves."""
-    if flag in extra:
-        return []
-    found = final_output(root / step)  # steps move their final model in last, so its presence means finished
-    if found is None:
-        raise common.UserError(f"{root / step} holds no finished {step} step; run it first (add its number to "
-                               f"--steps) or pass `{flag} PATH` in the next step's extra arguments")
-    return [flag, str(found)]
+def reward_choice(args: TrainArguments) -> str:
+    return args.reward_model or ("sft" if args.preset == "demo" else "recipe")
+
+
+def step_inputs(args: TrainArguments, name: str, extra: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(earlier step, flag) pairs: which outputs a step takes, and through which flag. A flag the user sets in the
+    step's extra arguments is theirs to fill."""
+    wanted = {"sft": [], "reward": [("sft", "--model_name_or_path")] if reward_choice(args) == "sft" else [],
+              "ppo": [("sft", "--sft_model_path"), ("reward", "--reward_model_path")]}[name]
+    return [(step, flag) for step, flag in wanted if flag not in extra[name]]
+
+
+def check_inputs(args: TrainArguments, root: Path, extra: dict[str, list[str]]) -> None:
+    """Before anything runs: every input that no chosen step will produce must already be in OUTPUT_DIR."""
+    chosen = {STEP_NAMES[number] for number in args.steps}
+    for name in chosen:
+        for step, flag in step_inputs(args, name, extra):
+            if step not in chosen and final_output(root / step) is None:
+                raise common.UserError(f"{root / step} holds no finished {step} step, which step {name} needs; add "
+                                       f"{list(STEP_NAMES.values()).index(step) + 1} to --steps, or pass "
+                                       f"`{flag} PATH` in --{name}_args")
 
 
 def step_command(args: TrainArguments, name: str, root: Path, extra: dict[str, list[str]], resume: bool) -> list[str]:
@@ -113,16 +125,12 @@ def step_command(args: TrainArguments, name: str, root: Path, extra: dict[str, l
                     str(Path(args.accelerate_config).resolve())]
     command = launcher + [str(ROOT / SCRIPTS[name]), "--config", str(ROOT / "recipes" / args.preset / f"{name}.yaml"),
                           "--output_dir", str(root / name)]
-    if name == "reward":
-        choice = args.reward_model or ("sft" if args.preset == "demo" else "recipe")
-        if choice == "sft":
-            command += needed_output(root, "sft", "--model_name_or_path", extra[name])
-        elif choice != "recipe":
-            # The recipes' full fine-tuning is sized for their own reward model; a larger one trains with LoRA.
-            command += ["--model_name_or_path", choice] + ([] if args.preset == "demo" else ["--use_peft", "true"])
-    if name == "ppo":
-        command += needed_output(root, "sft", "--sft_model_path", extra[name])
-        command += needed_output(root, "reward", "--reward_model_path", extra[name])
+    for step, flag in step_inputs(args, name, extra):
+        command += [flag, str(final_output(root / step))]  # steps move their final model in last: it is complete
+    if name == "reward" and reward_choice(args) not in ("sft", "recipe"):
+        # The recipes' full fine-tuning is sized for their own reward model; a larger one trains with LoRA.
+        command += ["--model_name_or_path", reward_choice(args)] + ([] if args.preset == "demo" else
+                                                                     ["--use_peft", "true"])
     if resume:
         command += ["--resume_from_checkpoint", "true"]
     return command + extra[name]
@@ -221,12 +229,16 @@ def print_summary(rows: list[dict]) -> None:
 def main(args: TrainArguments) -> list[dict]:
     extra = validate(args)
     root = Path(args.output_dir or f"out/{args.preset}").resolve()  # the steps run from the project root
-    summary = []
+    check_inputs(args, root, extra)
+    summary, rerun_from = [], None
     for number in sorted(set(args.steps)):
         name = STEP_NAMES[number]
         folder = root / name
         done_file = folder / DONE_FILE
-        if args.force and folder.exists():
+        if done_file.exists() and rerun_from is not None:
+            # Its inputs were just made again: what it finished before was trained on the old ones.
+            print(f"[{name}] running again from scratch: step {rerun_from} before it was re-run", flush=True)
+        if (args.force or rerun_from is not None) and folder.exists():
             shutil.rmtree(folder)
         if done_file.exists():
             done = json.loads(done_file.read_text())
@@ -254,6 +266,7 @@ def main(args: TrainArguments) -> list[dict]:
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         common.write_json(done_file, record)  # written last: its presence means the step finished
         summary.append({**record, "status": "ran", "plot": collect_plot(name, folder, root / "plots")})
+        rerun_from = rerun_from or name
 
     print_summary(summary)
     common.write_json(root / "summary.json", {"preset": args.preset, "output_dir": str(root), "steps": summary})

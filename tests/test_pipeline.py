@@ -187,3 +187,25 @@ def test_charts_are_written_and_are_valid_pngs(demo_run):
 def test_ema_smoothing_starts_at_the_data_and_follows_it():
     assert plots.ema([3.0, 3.0, 3.0], 0.1) == pytest.approx([3.0, 3.0, 3.0])
     assert plots.ema([0.0, 10.0], 0.5) == pytest.approx([0.0, 10 * 0.5 / 0.75])
+
+
+def test_wiring_of_the_opt_presets_reward_model(tmp_path):
+    import train
+
+    for step in ("sft", "reward"):  # finished outputs: the SFT step with a merged model, as the opt-1.3b recipe writes
+        (tmp_path / step / ("merged" if step == "sft" else "")).mkdir(parents=True, exist_ok=True)
+        (tmp_path / step / ("merged" if step == "sft" else "") / "config.json").write_text("{}")
+    extra = {"sft": [], "reward": [], "ppo": ["--max_steps", "5"]}
+
+    def command(step, **options):
+        args = train.TrainArguments(preset="opt-1.3b", accelerate_config="none", **options)
+        return train.step_command(args, step, tmp_path, extra, resume=False)
+
+    assert "--model_name_or_path" not in command("reward")  # the recipe's OPT-350m
+    bigger = command("reward", reward_model="facebook/opt-1.3b")
+    assert bigger[-4:] == ["--model_name_or_path", "facebook/opt-1.3b", "--use_peft", "true"]
+    assert command("reward", reward_model="sft")[-2:] == ["--model_name_or_path", str(tmp_path / "sft" / "merged")]
+    ppo = command("ppo")
+    assert ppo[ppo.index("--sft_model_path") + 1] == str(tmp_path / "sft" / "merged")
+    assert ppo[ppo.index("--reward_model_path") + 1] == str(tmp_path / "reward")
+    assert ppo[-2:] == ["--max_steps", "5"]  # the user's extra arguments come last, so they win
