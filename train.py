@@ -72,6 +72,9 @@ def validate(args: TrainArguments) -> dict[str, list[str]]:
     bad = [s for s in args.steps if s not in STEP_NAMES]
     if bad or not args.steps:
         raise common.UserError(f"--steps {' '.join(map(str, args.steps))}: give some of 1 (sft), 2 (reward), 3 (ppo)")
+    if args.accelerate_config != "none" and not Path(args.accelerate_config).is_file() and \
+            (ROOT / args.accelerate_config).is_file():
+        args.accelerate_config = str(ROOT / args.accelerate_config)  # the default, run from another folder
     if args.accelerate_config != "none" and not Path(args.accelerate_config).is_file():
         raise common.UserError(f"--accelerate_config {args.accelerate_config}: no such file; give an accelerate "
                                "config (e.g. accelerate_config.yaml, configs/ddp.yaml) or `none` for plain python")
