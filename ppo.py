@@ -352,6 +352,16 @@ def check_reward_model(path: str, flag: str) -> None:
                                f"{architectures}, num_labels {config.num_labels}); give the output of reward.py")
 
 
+def keep_4bit_weights_trainable(model: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for a faster inference kernel the
+    first time it runs in eval mode (our rollout) and never packs them back; that kernel has no backward, so the
+    next training forward fails ("a view of a leaf Variable ... in-place operation"). PPO alternates the two
+    modes, so keep the trainable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
@@ -384,6 +394,7 @@ def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_
     if quantized:
         for model in {id(m): m for m in (actor, reward, critic)}.values():
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+            keep_4bit_weights_trainable(model)
     reference = None
     if not model_args.use_peft:
         reference = copy.deepcopy(actor).eval().requires_grad_(False)

@@ -6,6 +6,7 @@ and bad-input cases call the functions in-process for speed.
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -34,7 +35,10 @@ def env(script_env):
 
 @pytest.fixture(scope="session")
 def demo_models(env, tmp_path_factory):
-    """The demo chain's steps 1 and 2 (full fine-tuning), as the README runs them."""
+    """The demo chain's steps 1 and 2 (full fine-tuning), as the README runs them. While working on ppo.py,
+    SIMPLE_RLHF_DEMO_MODELS=SFT_DIR,REWARD_DIR reuses models built earlier by those two commands."""
+    if os.environ.get("SIMPLE_RLHF_DEMO_MODELS"):
+        return tuple(os.environ["SIMPLE_RLHF_DEMO_MODELS"].split(","))
     root = tmp_path_factory.mktemp("demo")
     sft, reward = root / "sft", root / "reward"
     run(python_script("sft.py", "--config", "recipes/demo/sft.yaml", "--output_dir", sft), env)
@@ -289,3 +293,75 @@ def test_non_finite_score_stops_with_a_message_and_keeps_the_last_checkpoint(env
     assert result.returncode == 3
     assert "non-finite objective/scores" in result.stderr
     assert common.newest_complete_checkpoint(out) is None and not (out / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model setups and options, in-process (2 tiny iterations each)
+# ---------------------------------------------------------------------------------------------------------------
+SHORT = ["--max_steps", "2", "--response_length", "6", "--num_ppo_epochs", "1", "--max_train_samples", "16"]
+
+
+def ppo_main(demo_models, output_dir, *extra, monkeypatch=None):
+    """ppo.main in this process (seconds faster than a subprocess); with monkeypatch, also return the models
+    build_models made, as {"model", "reference", "reward"}."""
+    torch.set_num_threads(1)
+    built = {}
+    if monkeypatch is not None:
+        build = ppo.build_models
+
+        def spy(*args, **kwargs):
+            built["model"], built["reference"], built["reward"] = result = build(*args, **kwargs)
+            return result
+
+        monkeypatch.setattr(ppo, "build_models", spy)
+    argv = [str(a) for a in ppo_run(demo_models, output_dir, *SHORT, *extra)[2:]]
+    history = ppo.main(*common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv))
+    return history, built
+
+
+def test_qlora_4bit_actor_and_critic_run_and_the_adapter_loads_back(env, demo_models, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "qlora"
+    history, built = ppo_main(demo_models, out, "--load_in_4bit", "true", monkeypatch=monkeypatch)
+    assert [m["step"] for m in history] == [1, 2] and all(math.isfinite(m["loss/policy_avg"]) for m in history)
+    model = built["model"]
+    for role in (model.actor, model.critic):  # 4-bit bases under both LoRA adapters
+        assert any(type(m).__name__ == "Linear4bit" for m in role.modules())
+    actor = AutoPeftModelForCausalLM.from_pretrained(out)
+    lora = {n: p for n, p in actor.named_parameters() if "lora_B" in n}
+    assert lora and any(p.abs().sum() > 0 for p in lora.values())  # trained: LoRA B starts at zero
+
+
+def test_full_fine_tuning_trains_the_actor_and_keeps_the_reference_frozen(env, demo_models, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    sft, _ = demo_models
+    out = tmp_path / "full"
+    history, built = ppo_main(demo_models, out, "--use_peft", "false", "--learning_rate", "1e-4",
+                              monkeypatch=monkeypatch)
+    assert [m["step"] for m in history] == [1, 2]
+    initial = AutoModelForCausalLM.from_pretrained(sft).state_dict()
+    reference = built["reference"].state_dict()
+    assert built["reference"] is not built["model"].actor and built["reward"] is not None
+    assert all(torch.equal(reference[name], initial[name]) for name in initial)
+    actor = AutoModelForCausalLM.from_pretrained(out)
+    changed = [n for n, p in actor.state_dict().items() if not torch.equal(p, initial[n])]
+    assert len(changed) > len(initial) // 2, "the actor's weights barely moved"
+    assert not (out / "adapter_config.json").exists()
+
+
+def test_adaptive_kl_and_score_normalisation_are_in_the_checkpoint_and_restored(env, demo_models, tmp_path):
+    out = tmp_path / "akl"
+    flags = ["--adaptive_kl", "true", "--target_kl", "0.5", "--kl_horizon", "20", "--normalize_scores", "true",
+             "--save_steps", "1", "--lr_scheduler_type", "constant"]
+    straight, _ = ppo_main(demo_models, out, *flags, "--max_steps", "3")
+    coefs = [m["objective/kl_coef"] for m in straight]
+    assert coefs[0] != 0.05 and len(set(coefs)) == 3  # the controller moved kl_coef every step
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["kl_coef"] == pytest.approx(coefs[0]) and state["score_moments"]["count"] == pytest.approx(4)
+    resumed, _ = ppo_main(demo_models, out, *flags, "--max_steps", "3", "--resume_from_checkpoint",
+                          str(out / "checkpoint-1"))
+    assert [m["step"] for m in resumed] == [2, 3]
+    for name in ("objective/kl_coef", "objective/scores", "objective/rlhf_reward", "loss/policy_avg"):
+        assert [m[name] for m in resumed] == pytest.approx([m[name] for m in straight[1:]], abs=1e-6), name
