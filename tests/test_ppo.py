@@ -365,3 +365,48 @@ def test_adaptive_kl_and_score_normalisation_are_in_the_checkpoint_and_restored(
     assert [m["step"] for m in resumed] == [2, 3]
     for name in ("objective/kl_coef", "objective/scores", "objective/rlhf_reward", "loss/policy_avg"):
         assert [m[name] for m in resumed] == pytest.approx([m[name] for m in straight[1:]], abs=1e-6), name
+
+
+def test_reward_model_with_another_tokenizer_scores_the_decoded_text(env, demo_models, tmp_path, monkeypatch,
+                                                                       capfd):
+    """A reward model whose tokenizer differs (two extra tokens, so the same text gets other ids): ppo.py scores
+    decoded + re-tokenized text, and the critic is the SFT backbone with a fresh value head."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, OPTConfig
+    from transformers import OPTForSequenceClassification
+
+    sft, _ = demo_models
+    reward_dir = tmp_path / "other-reward"
+    reward_tokenizer = common.load_tokenizer(sft)
+    assert reward_tokenizer.add_tokens(["Human:", "Assistant:"]) == 2
+    text = "\n\nHuman: hi\n\nAssistant: hello"
+    assert reward_tokenizer(text)["input_ids"] != common.load_tokenizer(sft)(text)["input_ids"]
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=len(reward_tokenizer), hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=1,
+                       ffn_dim=64, num_attention_heads=2, num_labels=1, pad_token_id=reward_tokenizer.pad_token_id,
+                       eos_token_id=reward_tokenizer.eos_token_id, bos_token_id=reward_tokenizer.bos_token_id)
+    OPTForSequenceClassification(config).save_pretrained(reward_dir)
+    reward_tokenizer.save_pretrained(reward_dir)
+
+    rollouts = []
+    score = ppo.score_rollout
+    monkeypatch.setattr(ppo, "score_rollout", lambda *a, **k: rollouts.append((a[3], score(*a, **k))) or rollouts[-1][1])
+    history, built = ppo_main(demo_models, tmp_path / "ppo", "--reward_model_path", reward_dir,
+                              monkeypatch=monkeypatch)
+    assert [m["step"] for m in history] == [1, 2] and len(rollouts) == 2
+    assert capfd.readouterr().err.count("the reward model has its own tokenizer") == 1
+
+    tokenizer = common.load_tokenizer(sft)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    for rollout, scored in rollouts:
+        for i in range(len(rollout["queries"])):
+            ids = rollout["input_ids"][i][rollout["attention_mask"][i].bool()]
+            direct = reward_tokenizer(tokenizer.decode(ids, skip_special_tokens=True))["input_ids"]
+            direct += [reward_tokenizer.eos_token_id] if rollout["has_stop"][i] else []
+            with torch.no_grad():
+                expected = reward_model(torch.tensor([direct])).logits[0, 0]
+            assert torch.allclose(scored["scores"][i], expected, atol=1e-4)
+
+    critic = built["model"].critic.get_base_model()
+    sft_weights = AutoModelForCausalLM.from_pretrained(sft).model.decoder.embed_tokens.weight
+    assert torch.equal(critic.model.decoder.embed_tokens.weight, sft_weights)  # the SFT backbone, not the reward's
+    assert built["reward"] is not None and built["reward"].config.vocab_size == len(reward_tokenizer)
