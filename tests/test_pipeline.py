@@ -85,7 +85,7 @@ def test_rerun_skips_the_finished_steps(demo_run, env):
     assert summary["steps"][0]["metrics"] == demo_run[2]["steps"][0]["metrics"]
 
 
-def test_a_killed_step_resumes_from_its_checkpoint(demo_run, env, tmp_path):
+def test_a_killed_step_resumes_from_its_checkpoint_and_later_steps_are_redone(demo_run, env, tmp_path):
     root = tmp_path / "resume"
     for name in ("sft", "reward"):  # steps 1 and 2 finished: only step 3 runs
         shutil.copytree(demo_run[0] / name, root / name)
@@ -110,6 +110,16 @@ def test_a_killed_step_resumes_from_its_checkpoint(demo_run, env, tmp_path):
     steps = [json.loads(line)["step"] for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
     assert (root / "ppo" / "step_complete.json").exists() and (root / "ppo" / "adapter_config.json").exists()
+
+    # Step 2 interrupted again (no done marker, checkpoints left): it resumes, and the finished step 3, trained on
+    # the old reward model, is trained again from scratch.
+    (root / "reward" / "step_complete.json").unlink()
+    result = run(train(root, "--steps", "2", "3"), env)
+    assert "[reward] resuming the interrupted step from" in result.stdout
+    assert "[ppo] running again from scratch: step reward before it was re-run" in result.stdout
+    assert "resumed from" not in (root / "logs" / "ppo.log").read_text().split("\n===== ")[-1]
+    summary = json.loads((root / "summary.json").read_text())
+    assert [(e["step"], e["status"]) for e in summary["steps"]] == [("reward", "ran"), ("ppo", "ran")]
 
 
 def test_a_failing_step_stops_the_pipeline_with_its_exit_code_and_log_tail(env, tmp_path):
