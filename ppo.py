@@ -311,7 +311,17 @@ def per_token_scores(sequence_classifier, input_ids, attention_mask) -> torch.Te
     backbone, head = backbone_and_head(sequence_classifier)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    return head(hidden).squeeze(-1).float()
+    return head(hidden.to(head_dtype(head))).squeeze(-1).float()
+
+
+def head_dtype(head: nn.Module) -> torch.dtype:
+    """The dtype of the head that will run: under ZeRO-3 with bf16, PEFT's trainable copy of the score head (the
+    critic's value head) stays float32 while the backbone and the original head (the reward model's) are bf16."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if isinstance(head, ModulesToSaveWrapper) and not head.disable_adapters and head.active_adapters:
+        head = head.modules_to_save[head.active_adapters[0]]
+    return next(head.parameters()).dtype
 
 
 def policy_logits(actor, input_ids, attention_mask) -> torch.Tensor:
@@ -501,6 +511,24 @@ def retokenize(rollout, part, tokenizer, reward_tokenizer, device):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
+def zero3_gathered(accelerator, params, modifier_rank=None):
+    """Under ZeRO-3 each process holds a shard of every parameter (and none at all of a 0-size placeholder):
+    gather full values for reading (saving) or, with modifier_rank, for writing (loading). Every process must
+    enter it. A no-op without ZeRO-3."""
+    import contextlib
+
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def trainable_state(model: nn.Module) -> dict:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
@@ -533,15 +561,16 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args,
     if accelerator.distributed_type == "DEEPSPEED":
         model.save_checkpoint(str(partial / "deepspeed"), exclude_frozen_parameters=True)
     torch.save(rng_state(), partial / f"rng_state_{accelerator.process_index}.pth")
-    if accelerator.is_main_process:
-        torch.save(trainable_state(unwrapped), partial / "trainable_params.pt")
-        if accelerator.distributed_type != "DEEPSPEED":
-            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-        (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        unwrapped.actor.save_pretrained(partial / "actor")
-        tokenizer.save_pretrained(partial / "actor")
-        unwrapped.critic.save_pretrained(partial / "critic")
+    with zero3_gathered(accelerator, trainable_parameters(unwrapped)):
+        if accelerator.is_main_process:
+            torch.save(trainable_state(unwrapped), partial / "trainable_params.pt")
+            if accelerator.distributed_type != "DEEPSPEED":
+                torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+            torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+            (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            unwrapped.actor.save_pretrained(partial / "actor")
+            tokenizer.save_pretrained(partial / "actor")
+            unwrapped.critic.save_pretrained(partial / "critic")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -568,7 +597,7 @@ def load_checkpoint(path: str, accelerator, model, optimizer, scheduler) -> dict
     if missing:
         raise common.UserError(f"--resume_from_checkpoint {path}: it lacks {len(missing)} trainable tensors (e.g. "
                                f"{sorted(missing)[0]}); it was written with other model flags")
-    with torch.no_grad():
+    with torch.no_grad(), zero3_gathered(accelerator, trainable_parameters(unwrapped), modifier_rank=0):
         for name, param in unwrapped.named_parameters():
             if name in saved:
                 param.copy_(saved[name].to(param.device, param.dtype))
@@ -586,11 +615,13 @@ def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths
 
     unwrapped = accelerator.unwrap_model(model)
     staging = Path(args.output_dir) / ".saving"
+    with zero3_gathered(accelerator, trainable_parameters(unwrapped)):
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            unwrapped.actor.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            unwrapped.critic.save_pretrained(staging / "critic")
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        unwrapped.actor.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        unwrapped.critic.save_pretrained(staging / "critic")
         if data_args.merge_adapter and model_args.use_peft:
             # Reload the SFT policy in full precision on the CPU: merging into a 4-bit base would lose precision.
             full = replace(model_args, load_in_4bit=False, load_in_8bit=False, dtype="float32")
@@ -682,11 +713,15 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
     # accelerate launch exports the DeepSpeed config's "auto" here; the PPO arguments decide, as in TRL's trainers.
     if os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") == "auto":
         del os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
-    accelerator = Accelerator(cpu=args.use_cpu, mixed_precision="bf16" if args.bf16 else None,
+    # use_cpu (set automatically without a GPU) makes torchrun's processes one MULTI_CPU group, but cpu=True would
+    # also silently turn an `accelerate launch` DeepSpeed config into plain MULTI_CPU: DeepSpeed keeps its own.
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(cpu=args.use_cpu and not deepspeed_launch, mixed_precision="bf16" if args.bf16 else None,
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=None if args.report_to == "none" else args.report_to.split(","),
                               project_dir=args.output_dir)
     common.setup_logging(accelerator.is_main_process)
+    common.log_distribution(accelerator)
     resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)
 
@@ -931,12 +966,9 @@ def gathered_for_generation(model, accelerator, gather: bool):
     every new token would gather every layer). A no-op for other setups, or with --gather_for_generation false."""
     import contextlib
 
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3 or not gather:
+    if not gather:
         return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).actor.parameters()))
+    return zero3_gathered(accelerator, accelerator.unwrap_model(model).actor.parameters())
 
 
 def peak_memory_gb() -> float:

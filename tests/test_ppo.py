@@ -25,6 +25,8 @@ import ppo
 TINY = ["--dataset_name", "builtin:synthetic", "--max_prompt_length", "64", "--response_length", "8",
         "--per_device_train_batch_size", "4", "--num_ppo_epochs", "2", "--use_peft", "true", "--lora_r", "4",
         "--learning_rate", "1e-3", "--max_train_samples", "64", "--sample_every", "0", "--report_to", "none"]
+# Shorter still, for the in-process runs of model setups and options: 2 iterations.
+SHORT = ["--max_steps", "2", "--response_length", "6", "--num_ppo_epochs", "1", "--max_train_samples", "16"]
 
 
 @pytest.fixture(scope="session")
@@ -225,10 +227,40 @@ def test_two_processes_with_torchrun_gather_metrics(env, demo_models, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero2_cpu_offload_runs_two_iterations(env, demo_models, tmp_path):
     out = tmp_path / "ds"
-    run(accelerate_script(*ppo_run(demo_models, out, "--max_steps", "2", "--save_steps", "2")[1:]), env)
+    result = run(accelerate_script(*ppo_run(demo_models, out, "--max_steps", "2", "--save_steps", "2")[1:]), env)
     assert [m["step"] for m in metrics(out)] == [1, 2]
     assert common.checkpoint_is_complete(out / "checkpoint-2")
     assert (out / "adapter_model.safetensors").exists()
+    # Really DeepSpeed (use_cpu once turned the launch into plain MULTI_CPU without a word).
+    assert "running as DEEPSPEED" in result.stderr and (out / "checkpoint-2" / "deepspeed").is_dir()
+
+
+ZERO3_CPU = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"},
+                                   # 0: shard even the tiny model's small tensors, as a real model's would be
+                                   "stage3_param_persistence_threshold": 0},
+             "bf16": {"enabled": True}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_cpu_offload_one_process_gathers_for_generation_and_saving(env, demo_models, tmp_path):
+    """configs/zero3_offload.yaml's setup in one process on CPU: parameters sharded, gathered for generate() and to
+    save adapters and checkpoints (without that, every saved tensor is an empty shard)."""
+    from peft import AutoPeftModelForCausalLM
+
+    (tmp_path / "ds3.json").write_text(json.dumps(ZERO3_CPU))
+    (tmp_path / "zero3.yaml").write_text(
+        "distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: " + str(tmp_path / "ds3.json") +
+        "\n  zero3_init_flag: true\nnum_machines: 1\nnum_processes: 1\nmachine_rank: 0\nuse_cpu: false\n")
+    out = tmp_path / "ds3"
+    result = run(accelerate_script(*ppo_run(demo_models, out, *SHORT, "--save_steps", "2")[1:],
+                                   config=tmp_path / "zero3.yaml"), env)
+    assert "running as DEEPSPEED" in result.stderr and [m["step"] for m in metrics(out)] == [1, 2]
+    saved = torch.load(out / "checkpoint-2" / "trainable_params.pt")
+    assert all(t.numel() > 0 for t in saved.values()) and (out / "checkpoint-2" / "deepspeed").is_dir()
+    actor = AutoPeftModelForCausalLM.from_pretrained(out)
+    lora_b = [p for n, p in actor.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,7 +330,6 @@ def test_non_finite_score_stops_with_a_message_and_keeps_the_last_checkpoint(env
 # ---------------------------------------------------------------------------------------------------------------
 # model setups and options, in-process (2 tiny iterations each)
 # ---------------------------------------------------------------------------------------------------------------
-SHORT = ["--max_steps", "2", "--response_length", "6", "--num_ppo_epochs", "1", "--max_train_samples", "16"]
 
 
 def ppo_main(demo_models, output_dir, *extra, monkeypatch=None):
