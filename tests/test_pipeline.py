@@ -179,6 +179,24 @@ def test_chat_answers_a_prompt_with_the_demo_actor(demo_run, env):
     assert answer and "Human:" not in answer and "Assistant:" not in answer
 
 
+def test_chat_interactive_turns_clear_and_quit(demo_run, env):
+    result = subprocess.run([str(a) for a in python_script("chat.py", "--model_path", demo_run[0] / "sft",
+                                                            "--greedy", "true", "--max_new_tokens", "12")],
+                            cwd=ROOT, env=env, input="What color is grass?\nclear\nWhat is 2 plus 3?\nquit\n",
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    replies = [line for line in result.stdout.splitlines() if line.startswith("Assistant: ")]
+    assert len(replies) == 2 and all(len(r) > len("Assistant: ") for r in replies)
+    assert "(conversation cleared)" in result.stdout
+
+
+def test_chat_builds_the_conversation_in_the_data_format():
+    import chat
+
+    text = chat.build_prompt(None, [("What is 1 plus 5?", "6.")], "And 2 plus 2?", use_template=False)
+    assert text == "\n\nHuman: What is 1 plus 5?\n\nAssistant: 6.\n\nHuman: And 2 plus 2?\n\nAssistant:"
+
+
 def test_charts_are_written_and_are_valid_pngs(demo_run):
     from matplotlib import image
 
