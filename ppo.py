@@ -124,6 +124,18 @@ class PPOArguments:
     sample_every: int = field(default=10, metadata={"help": "Log a few prompt/response/score samples every N steps "
                               "(0: never)."})
     num_samples: int = field(default=2, metadata={"help": "How many samples to log."})
+    # DeepSpeed-Chat parity (both off by default)
+    ema_decay: float | None = field(default=None, metadata={"help": "Keep an exponential moving average of the "
+                                    "actor's trainable weights with this decay (DeepSpeed-Chat: 0.992), updated after "
+                                    "each optimizer step and saved to OUTPUT_DIR/ema."})
+    ptx_coef: float = field(default=0.0, metadata={"help": "Weight of a language-modelling loss on --ptx_dataset_name "
+                            "added to the actor's PPO loss (InstructGPT's PPO-ptx; 0: off)."})
+    ptx_dataset_name: str | None = field(default=None, metadata={"help": "Rows (prompt + chosen) for the PTX loss, "
+                                         "in the schema of --dataset_name (default: the PPO step's own rows)."})
+    ptx_batch_size: int | None = field(default=None, metadata={"help": "PTX sequences per micro-batch (default: "
+                                       "per_device_train_batch_size)."})
+    ptx_max_length: int | None = field(default=None, metadata={"help": "PTX sequences are cut to this many tokens "
+                                       "(default: max_prompt_length + response_length)."})
 
     @property
     def local_rollout_batch_size(self) -> int:
@@ -242,6 +254,21 @@ def clipped_value_loss(values, old_values, returns, mask, cliprange_value: float
     return loss, masked_mean((losses_clipped > losses).float(), mask)
 
 
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real tokens: the PTX (pretraining-mix) loss."""
+    from trl.trainer.utils import selective_log_softmax
+
+    logprobs = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:])
+    # A target counts when it and the token predicting it are real (not the first real token after left padding).
+    return -masked_mean(logprobs, (attention_mask[:, :-1] * attention_mask[:, 1:]).float())
+
+
+def ema_update(ema: dict, weights: dict, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, in place, in float32 (DeepSpeed-Chat's moving_average)."""
+    for name, value in weights.items():
+        ema[name].mul_(decay).add_(value.detach().to(ema[name].device, torch.float32), alpha=1 - decay)
+
+
 class AdaptiveKLController:
     """Ziegler et al. 2019: move kl_coef so that the KL per sequence tracks a target (proportional control)."""
 
@@ -337,9 +364,43 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.actor, self.critic = actor, critic
 
-    def forward(self, input_ids, attention_mask):
-        return policy_logits(self.actor, input_ids, attention_mask), per_token_scores(self.critic, input_ids,
-                                                                                      attention_mask)
+    def forward(self, input_ids, attention_mask, ptx_ids=None, ptx_mask=None):
+        """Policy logits and values of a rollout micro-batch, plus the policy's logits on a PTX batch if given: one
+        forward through the (DDP/DeepSpeed-wrapped) module, so one backward covers all three."""
+        ptx_logits = None if ptx_ids is None else policy_logits(self.actor, ptx_ids, ptx_mask)
+        return (policy_logits(self.actor, input_ids, attention_mask),
+                per_token_scores(self.critic, input_ids, attention_mask), ptx_logits)
+
+
+def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None = None):
+    """The loss of one micro-batch: clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy
+    (+ ptx_coef * LM loss on the PTX batch `ptx` = (ids, mask)); returns (loss, stats dict)."""
+    from trl.trainer.utils import entropy_from_logits
+
+    ptx_ids, ptx_mask = ptx if ptx is not None else (None, None)
+    logits, new_values, ptx_logits = model(batch["input_ids"], batch["attention_mask"], ptx_ids, ptx_mask)
+    # Position t predicts token t+1: the logits and values for the response are those at context-1 .. end-1.
+    logits = logits[:, context - 1:-1]
+    new_logprobs = logprobs_from_logits(logits, batch["responses"], args.temperature)
+    new_values = new_values[:, context - 1:-1]
+    mask = batch["mask"]
+    pg_loss, clipfrac, approxkl, ratio = clipped_policy_loss(new_logprobs, batch["logprobs"], batch["advantages"],
+                                                             mask, args.cliprange)
+    vf_loss, vf_clipfrac = clipped_value_loss(new_values, batch["values"], batch["returns"], mask,
+                                              args.cliprange_value)
+    loss = pg_loss + args.vf_coef * vf_loss
+    with torch.set_grad_enabled(args.entropy_coef != 0 and torch.is_grad_enabled()):
+        entropy = masked_mean(entropy_from_logits(logits.float() / args.temperature), mask)
+    if args.entropy_coef:
+        loss = loss - args.entropy_coef * entropy
+    stats = dict(approxkl=approxkl, clipfrac=clipfrac, pg_loss=pg_loss, vf_loss=vf_loss, vf_clipfrac=vf_clipfrac,
+                 entropy=entropy, ratio=ratio)
+    if ptx_logits is not None:
+        # InstructGPT's PPO-ptx: keep the policy a good language model of the SFT/pretraining data, against the
+        # "alignment tax" RL would otherwise take on it.
+        stats["ptx_loss"] = lm_loss(ptx_logits, ptx_ids, ptx_mask)
+        loss = loss + args.ptx_coef * stats["ptx_loss"]
+    return loss, stats
 
 
 def check_reward_model(path: str, flag: str) -> None:
@@ -529,8 +590,23 @@ def trainable_parameters(model: nn.Module) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def trainable_state(model: nn.Module) -> dict:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model: nn.Module, cpu: bool = True) -> dict:
+    return {name: (p.detach().cpu() if cpu else p.detach()).clone() for name, p in model.named_parameters()
+            if p.requires_grad}
+
+
+@torch.no_grad()
+def save_with_weights(model: nn.Module, weights: dict, path) -> None:
+    """Save `model` (an adapter or a full model) with `weights` swapped in for its trainable ones (the EMA)."""
+    current = trainable_state(model, cpu=False)
+    params = dict(model.named_parameters())
+    for name, value in weights.items():
+        params[name].copy_(value.to(params[name].dtype))
+    try:
+        model.save_pretrained(path)
+    finally:
+        for name, value in current.items():
+            params[name].copy_(value)
 
 
 def rng_state() -> dict:
@@ -548,7 +624,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args, tokenizer) -> str:
+def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args, tokenizer, ema=None) -> str:
     """Write output_dir/checkpoint-N via a temporary folder renamed when complete; prune to save_total_limit."""
     output_dir = Path(args.output_dir)
     final = output_dir / f"checkpoint-{state['step']}"
@@ -571,6 +647,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args,
             unwrapped.actor.save_pretrained(partial / "actor")
             tokenizer.save_pretrained(partial / "actor")
             unwrapped.critic.save_pretrained(partial / "critic")
+            if ema is not None:
+                torch.save({k: v.cpu() for k, v in ema.items()}, partial / "ema.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -585,7 +663,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args,
     return str(final)
 
 
-def load_checkpoint(path: str, accelerator, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: str, accelerator, model, optimizer, scheduler, ema=None) -> dict:
     path = Path(path)
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.distributed_type == "DEEPSPEED":
@@ -602,14 +680,21 @@ def load_checkpoint(path: str, accelerator, model, optimizer, scheduler) -> dict
             if name in saved:
                 param.copy_(saved[name].to(param.device, param.dtype))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+    if ema is not None:
+        if not (path / "ema.pt").exists():
+            raise common.UserError(f"--resume_from_checkpoint {path}: it has no EMA (ema.pt); it was written without "
+                                   "--ema_decay")
+        for name, value in torch.load(path / "ema.pt").items():
+            ema[name].copy_(value)
     rng_file = path / f"rng_state_{accelerator.process_index}.pth"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths) -> None:
-    """The actor (adapter or full) + tokenizer in output_dir, the critic in output_dir/critic, optionally merged."""
+def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths, ema=None) -> None:
+    """The actor (adapter or full) + tokenizer in output_dir, the critic in output_dir/critic, the EMA actor in
+    output_dir/ema, optionally merged."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -621,6 +706,11 @@ def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths
             unwrapped.actor.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
             unwrapped.critic.save_pretrained(staging / "critic")
+    if ema is not None:
+        with zero3_gathered(accelerator, trainable_parameters(unwrapped.actor), modifier_rank=0):
+            if accelerator.is_main_process:
+                save_with_weights(unwrapped.actor, ema, staging / "ema")
+                tokenizer.save_pretrained(staging / "ema")
     if accelerator.is_main_process:
         if data_args.merge_adapter and model_args.use_peft:
             # Reload the SFT policy in full precision on the CPU: merging into a 4-bit base would lose precision.
@@ -675,6 +765,12 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
         raise common.UserError(f"--temperature {args.temperature}: must be positive (PPO needs sampling)")
     if args.critic_learning_rate is None:
         args.critic_learning_rate = args.learning_rate
+    if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
+        raise common.UserError(f"--ema_decay {args.ema_decay}: must be in [0, 1) (DeepSpeed-Chat uses 0.992)")
+    if args.ptx_coef < 0:
+        raise common.UserError(f"--ptx_coef {args.ptx_coef}: must be non-negative")
+    args.ptx_batch_size = args.ptx_batch_size or args.per_device_train_batch_size
+    args.ptx_max_length = args.ptx_max_length or args.max_prompt_length + args.response_length
     paths = {"sft": common.resolve_model_path(args.sft_model_path, "--sft_model_path"),
              "reward": common.resolve_model_path(args.reward_model_path, "--reward_model_path"),
              "critic": (common.resolve_model_path(args.critic_model_path, "--critic_model_path")
@@ -683,6 +779,26 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
         if paths[key] is not None:
             check_reward_model(paths[key], flag)
     return paths
+
+
+def load_ptx_data(data_args, args: PPOArguments, tokenizer):
+    """The PTX rows, tokenized as step 1 does (prompt + chosen + EOS), cut to ptx_max_length: by default the PPO
+    step's own share of --dataset_name, with their chosen answers; with --ptx_dataset_name, all its training rows.
+    The LM loss covers every real token, prompt included, as InstructGPT's pretraining mix does."""
+    ptx_data_args = replace(data_args, dataset_name=args.ptx_dataset_name or data_args.dataset_name,
+                            data_split="1,0,0", max_train_samples=None)
+    rows, _ = common.load_step_data(ptx_data_args, "sft")  # all training rows, with prompt and chosen
+    if args.ptx_dataset_name is None:  # the same rows as the PPO prompts: step 3's share of --data_split
+        rows = rows.select(common.split_indices(len(rows), data_args.data_split, "ppo", data_args.data_seed_for_split))
+    if data_args.max_train_samples is not None:
+        rows = rows.select(range(min(len(rows), data_args.max_train_samples)))
+    encoded, counts = common.tokenize_for_step(rows, tokenizer, "sft", args.ptx_max_length)
+    if len(encoded) < args.ptx_batch_size * int(os.environ.get("WORLD_SIZE", 1)):
+        raise common.UserError(f"--ptx_dataset_name {ptx_data_args.dataset_name}: {len(encoded)} usable rows (of "
+                               f"{counts['rows']}) are fewer than one PTX batch; lower --ptx_batch_size or raise "
+                               "--ptx_max_length")
+    logger.info(f"PTX: {len(encoded)} rows of {ptx_data_args.dataset_name}, loss weight {args.ptx_coef}")
+    return encoded
 
 
 def check_prompts_fit(data_args, tokenizer, max_prompt_length: int) -> None:
@@ -706,7 +822,6 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
-    from trl.trainer.utils import entropy_from_logits
     from tqdm.auto import tqdm
 
     paths = validate(args, model_args)
@@ -769,13 +884,20 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
     unwrapped = accelerator.unwrap_model(model)
     kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
     score_moments = RunningMoments()
+    # The EMA starts from the actor's initial weights (as DeepSpeed-Chat's copy of the actor does), in float32.
+    ema = None
+    if args.ema_decay is not None:
+        with zero3_gathered(accelerator, trainable_parameters(unwrapped.actor)):
+            ema = {k: v.float() for k, v in trainable_state(unwrapped.actor, cpu=False).items()}
+    ptx_position = 0  # PTX micro-batches consumed so far, over all processes' identical counters
 
     step = 0
     if resume:
-        state = load_checkpoint(resume, accelerator, model, optimizer, scheduler)
+        state = load_checkpoint(resume, accelerator, model, optimizer, scheduler, ema)
         step = state["step"]
         kl_controller.value = state["kl_coef"]
         score_moments.__dict__.update(state["score_moments"])
+        ptx_position = state.get("ptx_position", 0)
         logger.info(f"resumed from {resume} at step {step}")
     if step >= args.max_steps:
         logger.info(f"already at step {step} of --max_steps {args.max_steps}")
@@ -799,6 +921,18 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         order = np.random.RandomState(args.seed + epoch).permutation(len(train))
         start = index * global_batch + accelerator.process_index * args.local_rollout_batch_size
         return [train[int(i)]["input_ids"] for i in order[start : start + args.local_rollout_batch_size]]
+
+    if args.ptx_coef:
+        ptx_rows = load_ptx_data(data_args, args, tokenizer)
+
+    def ptx_batch(position: int) -> list[list[int]]:
+        """This process's PTX sequences for the position-th micro-batch: a pure function of the position (saved in
+        checkpoints), cycling through a fresh shuffle each pass over the rows."""
+        per_pass = len(ptx_rows) // (args.ptx_batch_size * accelerator.num_processes)
+        epoch, index = divmod(position, per_pass)
+        order = np.random.RandomState(args.seed + 7919 + epoch).permutation(len(ptx_rows))
+        start = (index * accelerator.num_processes + accelerator.process_index) * args.ptx_batch_size
+        return [ptx_rows[int(i)]["input_ids"] for i in order[start : start + args.ptx_batch_size]]
 
     stop = StopRequested()
     history, last_checkpoint = [], resume
@@ -852,36 +986,33 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
 
         # --- 4. update ----------------------------------------------------------------------------------------
         unwrapped.train()
-        stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")}
+        stats = {}
         mini_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
         context = queries.shape[1]
+        batch = dict(input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], responses=responses,
+                     logprobs=logprobs, values=values, advantages=advantages, returns=returns, mask=mask)
         for _ in range(args.num_ppo_epochs):
             order = torch.randperm(args.local_rollout_batch_size)
             for mini in chunks(args.local_rollout_batch_size, mini_size):
                 for micro in chunks(mini.stop - mini.start, args.per_device_train_batch_size):
                     idx = order[mini][micro].to(device)
+                    ptx = None
+                    if args.ptx_coef:
+                        ptx = left_pad(ptx_batch(ptx_position), tokenizer.pad_token_id, device)
+                        ptx_position += 1
                     with accelerator.accumulate(model), accelerator.autocast():
-                        logits, new_values = model(rollout["input_ids"][idx], rollout["attention_mask"][idx])
-                        logits = logits[:, context - 1:-1]
-                        new_logprobs = logprobs_from_logits(logits, responses[idx], args.temperature)
-                        new_values = new_values[:, context - 1:-1]
-                        micro_mask = mask[idx]
-                        pg_loss, clipfrac, approxkl, ratio = clipped_policy_loss(
-                            new_logprobs, logprobs[idx], advantages[idx], micro_mask, args.cliprange)
-                        vf_loss, vf_clipfrac = clipped_value_loss(new_values, values[idx], returns[idx], micro_mask,
-                                                                  args.cliprange_value)
-                        loss = pg_loss + args.vf_coef * vf_loss
-                        with torch.set_grad_enabled(args.entropy_coef != 0):
-                            entropy = masked_mean(entropy_from_logits(logits.float() / args.temperature), micro_mask)
-                        if args.entropy_coef:
-                            loss = loss - args.entropy_coef * entropy
+                        loss, micro_stats = micro_batch_loss(model, {k: v[idx] for k, v in batch.items()}, args,
+                                                             context, ptx)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
                             accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                         optimizer.step()
                         optimizer.zero_grad()
-                    for key, value in zip(stats, (approxkl, clipfrac, pg_loss, vf_loss, vf_clipfrac, entropy, ratio)):
-                        stats[key].append(value.detach().float())
+                    if ema is not None and accelerator.sync_gradients:  # after each real optimizer step
+                        with zero3_gathered(accelerator, trainable_parameters(unwrapped.actor)):
+                            ema_update(ema, trainable_state(unwrapped.actor, cpu=False), args.ema_decay)
+                    for key, value in micro_stats.items():
+                        stats.setdefault(key, []).append(value.detach().float())
         scheduler.step()
         step += 1
         if args.adaptive_kl:
@@ -906,6 +1037,8 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
             "val/num_eos_tokens": (responses == stop_token_id).logical_and(response_mask.bool()).sum().float(),
             "response_length_avg": response_mask.sum(1).float().mean(),
         }
+        if args.ptx_coef:
+            local["loss/ptx_avg"] = torch.stack(stats["ptx_loss"]).mean()
         names = list(local)
         reduced = accelerator.reduce(torch.stack([local[n].to(device).float() for n in names]), "mean")
         metrics = {"step": step, "episode": step * global_batch, **dict(zip(names, reduced.tolist()))}
@@ -940,8 +1073,9 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item() > 0
         if step % args.save_steps == 0 or stop_now:
             state = {"step": step, "kl_coef": kl_controller.value, "score_moments": vars(score_moments),
-                     "data_position": step * global_batch, "max_steps": args.max_steps}
-            last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, state, args, tokenizer)
+                     "data_position": step * global_batch, "ptx_position": ptx_position,
+                     "max_steps": args.max_steps}
+            last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, state, args, tokenizer, ema)
         if stop_now:
             progress.close()
             accelerator.print(f"stopped at step {step} on request; resume with --resume_from_checkpoint "
@@ -952,7 +1086,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
     progress.close()
     stop.restore()
 
-    save_final(accelerator, model, args, data_args, model_args, tokenizer, paths)
+    save_final(accelerator, model, args, data_args, model_args, tokenizer, paths, ema)
     if history:
         accelerator.print(f"PPO done: mean score {history[0]['objective/scores']:.3f} -> "
                           f"{history[-1]['objective/scores']:.3f}, KL {history[-1]['objective/kl']:.3f}, "

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -441,3 +442,103 @@ def test_reward_model_with_another_tokenizer_scores_the_decoded_text(env, demo_m
     sft_weights = AutoModelForCausalLM.from_pretrained(sft).model.decoder.embed_tokens.weight
     assert torch.equal(critic.model.decoder.embed_tokens.weight, sft_weights)  # the SFT backbone, not the reward's
     assert built["reward"] is not None and built["reward"].config.vocab_size == len(reward_tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed-Chat parity: EMA and PTX
+# ---------------------------------------------------------------------------------------------------------------
+def test_ema_weights_follow_the_formula_and_ema_and_ptx_state_survive_resume(env, demo_models, tmp_path, monkeypatch):
+    """One optimizer step per iteration (1 epoch, 1 mini-batch): ema_k = d * ema_{k-1} + (1 - d) * w_k from the
+    initial weights w_0, with w_k from checkpoint-k. PTX is on too: loss/ptx_avg is logged, its data position is
+    checkpointed, and a resumed run repeats the same PTX batches and EMA."""
+    from peft import AutoPeftModelForCausalLM
+
+    initial = {}
+    build = ppo.build_models
+
+    def spy(*args, **kwargs):
+        result = build(*args, **kwargs)
+        initial.update(ppo.trainable_state(result[0].actor))
+        return result
+
+    monkeypatch.setattr(ppo, "build_models", spy)
+    out = tmp_path / "ema"
+    decay = 0.6
+    flags = ["--ema_decay", str(decay), "--ptx_coef", "0.2", "--ptx_batch_size", "2", "--save_steps", "1",
+             "--max_steps", "3", "--lr_scheduler_type", "constant"]
+    history, _ = ppo_main(demo_models, out, *flags)
+    expected = {name: value.clone() for name, value in initial.items()}
+    for k in (1, 2, 3):
+        weights = torch.load(out / f"checkpoint-{k}" / "trainable_params.pt")
+        for name in expected:
+            expected[name] = decay * expected[name] + (1 - decay) * weights["actor." + name]
+    final_actor = {n: w for n, w in weights.items() if n.startswith("actor.")}
+    saved = torch.load(out / "checkpoint-3" / "ema.pt")
+    assert saved.keys() == expected.keys() and any("lora_B" in n for n in saved)
+    for name in expected:
+        assert torch.allclose(saved[name], expected[name], atol=1e-6), name
+    assert any(not torch.allclose(saved[n], final_actor["actor." + n], atol=1e-4) for n in saved)  # not the actor
+    ema_model = AutoPeftModelForCausalLM.from_pretrained(out / "ema")
+    loaded = {n: p for n, p in ema_model.named_parameters() if "lora" in n}
+    assert loaded.keys() == expected.keys()
+    assert all(torch.allclose(loaded[n], expected[n], atol=1e-6) for n in expected)
+
+    assert all(m["loss/ptx_avg"] > 0 and math.isfinite(m["loss/ptx_avg"]) for m in history)
+    assert [json.loads((out / f"checkpoint-{k}" / "trainer_state.json").read_text())["ptx_position"]
+            for k in (1, 2, 3)] == [1, 2, 3]  # one PTX micro-batch per micro-batch
+    resumed, _ = ppo_main(demo_models, out, *flags, "--resume_from_checkpoint", str(out / "checkpoint-1"))
+    assert [m["loss/ptx_avg"] for m in resumed] == pytest.approx([m["loss/ptx_avg"] for m in history[1:]], abs=1e-6)
+    again = torch.load(out / "checkpoint-3" / "ema.pt")
+    assert all(torch.allclose(again[n], saved[n], atol=1e-6) for n in saved)
+
+
+def test_ptx_adds_ptx_coef_times_the_lm_gradient_to_the_actor_gradient(env, demo_models):
+    """On a fixed rollout micro-batch and PTX batch, through ppo.micro_batch_loss: grad(PPO + c * LM) equals
+    grad(PPO) + c * grad(LM) for the actor, and the critic's gradient is unchanged."""
+    from trl import ModelConfig
+
+    torch.set_num_threads(1)
+    sft, reward_path = demo_models
+    args = ppo.PPOArguments(sft_model_path=sft, reward_model_path=reward_path, response_length=6, temperature=0.7)
+    model_args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
+    paths = ppo.validate(args, model_args)
+    tokenizer = common.load_tokenizer(sft, "left")
+    model = ppo.build_models(args, model_args, tokenizer, tokenizer, paths)[0]
+    with torch.no_grad():  # a non-zero LoRA B, so that the actor's LoRA A gets gradients too
+        for name, param in model.actor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+
+    rows = common.synthetic_preference_rows(6, seed=11)
+    queries, query_mask = ppo.left_pad([tokenizer(r["prompt"])["input_ids"][-20:] for r in rows[:3]],
+                                       tokenizer.pad_token_id, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    responses = torch.randint(3, len(tokenizer), (3, 6), generator=generator)
+    mask = torch.ones(3, 6)
+    mask[1, 4:] = 0
+    batch = dict(input_ids=torch.cat([queries, responses], 1), attention_mask=torch.cat([query_mask, mask.long()], 1),
+                 responses=responses, mask=mask, logprobs=-torch.rand(3, 6, generator=generator) * 5,
+                 values=torch.randn(3, 6, generator=generator), advantages=torch.randn(3, 6, generator=generator),
+                 returns=torch.randn(3, 6, generator=generator))
+    ptx = ppo.left_pad([tokenizer(r["prompt"] + r["chosen"])["input_ids"][-30:] for r in rows[3:]],
+                       tokenizer.pad_token_id, "cpu")
+    context = queries.shape[1]
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    ppo_grads = gradients(ppo.micro_batch_loss(model, batch, args, context)[0])
+    lm_grads = gradients(ppo.lm_loss(ppo.policy_logits(model.actor, *ptx), *ptx))
+    coef = 0.7
+    total, stats = ppo.micro_batch_loss(model, batch, replace(args, ptx_coef=coef), context, ptx)
+    total_grads = gradients(total)
+    assert stats["ptx_loss"].item() == pytest.approx(ppo.lm_loss(ppo.policy_logits(model.actor, *ptx), *ptx).item())
+    actor = [n for n in total_grads if n.startswith("actor.")]
+    assert actor and all(lm_grads[n].abs().max() > 1e-6 for n in actor)  # the LM loss does reach every LoRA tensor
+    for name in actor:
+        assert torch.allclose(total_grads[name], ppo_grads[name] + coef * lm_grads[name], atol=1e-5, rtol=1e-4), name
+    for name in total_grads:
+        if name.startswith("critic."):
+            assert torch.allclose(total_grads[name], ppo_grads[name], atol=1e-6), name
