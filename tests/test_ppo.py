@@ -285,6 +285,7 @@ BAD_INPUT = {
     "4-bit without LoRA": (lambda sft, rm, tmp: ["--load_in_4bit", "true", "--use_peft", "false"],
                            "needs --use_peft"),
     "unknown KL estimator": (lambda sft, rm, tmp: ["--kl_estimator", "k9"], "use k1 or k3"),
+    "EMA decay out of range": (lambda sft, rm, tmp: ["--ema_decay", "1.5"], "must be in [0, 1)"),
 }
 
 
@@ -371,7 +372,7 @@ def test_full_fine_tuning_trains_the_actor_and_keeps_the_reference_frozen(env, d
     sft, _ = demo_models
     out = tmp_path / "full"
     history, built = ppo_main(demo_models, out, "--use_peft", "false", "--learning_rate", "1e-4",
-                              monkeypatch=monkeypatch)
+                              "--ema_decay", "0.5", "--save_steps", "1", monkeypatch=monkeypatch)
     assert [m["step"] for m in history] == [1, 2]
     initial = AutoModelForCausalLM.from_pretrained(sft).state_dict()
     reference = built["reference"].state_dict()
@@ -381,6 +382,12 @@ def test_full_fine_tuning_trains_the_actor_and_keeps_the_reference_frozen(env, d
     changed = [n for n, p in actor.state_dict().items() if not torch.equal(p, initial[n])]
     assert len(changed) > len(initial) // 2, "the actor's weights barely moved"
     assert not (out / "adapter_config.json").exists()
+    # The EMA of a fully trained actor is a full model too: 0.25 w0 + 0.25 w1 + 0.5 w2 (one step per iteration).
+    ema = AutoModelForCausalLM.from_pretrained(out / "ema").state_dict()
+    w1 = torch.load(out / "checkpoint-1" / "trainable_params.pt")
+    name = "model.decoder.layers.0.fc1.weight"
+    expected = 0.25 * initial[name] + 0.25 * w1["actor." + name] + 0.5 * actor.state_dict()[name]
+    assert torch.allclose(ema[name], expected, atol=1e-6) and not torch.allclose(ema[name], actor.state_dict()[name])
 
 
 def test_adaptive_kl_and_score_normalisation_are_in_the_checkpoint_and_restored(env, demo_models, tmp_path):
