@@ -39,6 +39,7 @@ import torch.nn as nn
 from trl import ModelConfig, get_peft_config
 
 import common
+import plots
 
 logger = logging.getLogger("simple_rlhf.ppo")
 
@@ -1087,6 +1088,8 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
     stop.restore()
 
     save_final(accelerator, model, args, data_args, model_args, tokenizer, paths, ema)
+    if accelerator.is_main_process:
+        plots.plot_ppo(args.output_dir)  # OUTPUT_DIR/ppo_curves.png from metrics.jsonl
     if history:
         accelerator.print(f"PPO done: mean score {history[0]['objective/scores']:.3f} -> "
                           f"{history[-1]['objective/scores']:.3f}, KL {history[-1]['objective/kl']:.3f}, "

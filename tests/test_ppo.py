@@ -85,6 +85,7 @@ def test_demo_recipe_raises_the_score_and_the_outputs_load_back(env, demo_models
         assert name in history[-1]
     assert "PPO done" in result.stdout
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20"]  # save_steps 20, limit 2
+    assert (out / "ppo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the step charts its curves
 
     actor = AutoPeftModelForCausalLM.from_pretrained(out)
     tokenizer = common.load_tokenizer(str(out), "left")
