@@ -575,10 +575,7 @@ def resolve_resume(resume_from_checkpoint, output_dir: str) -> str | None:
 
 def mark_checkpoint_complete(path: str | Path, **info) -> None:
     """Written last into a checkpoint folder: its presence means every other file is there."""
-    marker = Path(path) / CHECKPOINT_COMPLETE
-    partial = marker.with_suffix(".partial")
-    partial.write_text(json.dumps(info))
-    os.replace(partial, marker)
+    write_json(Path(path) / CHECKPOINT_COMPLETE, info)
 
 
 def move_into(source: str | Path, target: str | Path) -> None:
@@ -629,6 +626,8 @@ def save_trainer_output(trainer, output_dir: str, merge_adapter: bool, merged_cl
             trainer.processing_class.save_pretrained(staging / "merged")
         elif merge_adapter:
             logger.warning("--merge_adapter: the model has no adapter (full fine-tuning); nothing to merge")
+        # Trainer keeps the full log history only in checkpoints: save the final one with the model, for the charts.
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
         move_into(staging, output_dir)
     trainer.accelerator.wait_for_everyone()
 

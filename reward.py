@@ -54,9 +54,7 @@ def main(data_args: common.DataArguments, training_args: RewardConfig, model_arg
     trainer.accelerator.print(f"Reward model done: eval accuracy {metrics['eval_accuracy']:.3f}, mean margin "
                               f"{metrics['eval_margin']:.3f}, model in {training_args.output_dir}")
     if trainer.is_world_process_zero():
-        # Trainer keeps the full log history only in checkpoints: save the final one too, and chart it.
-        trainer.state.save_to_json(f"{training_args.output_dir}/trainer_state.json")
-        plots.plot_reward(training_args.output_dir)
+        plots.plot_reward(training_args.output_dir)  # its curves, from the trainer_state.json saved with the model
     trainer.accelerator.end_training()
 
 

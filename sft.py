@@ -66,9 +66,7 @@ def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: 
     trainer.accelerator.print(f"SFT done: eval perplexity {metrics['eval_perplexity']:.3f}, model in "
                               f"{training_args.output_dir}")
     if trainer.is_world_process_zero():
-        # Trainer keeps the full log history only in checkpoints: save the final one too, and chart it.
-        trainer.state.save_to_json(f"{training_args.output_dir}/trainer_state.json")
-        plots.plot_sft(training_args.output_dir)
+        plots.plot_sft(training_args.output_dir)  # its curves, from the trainer_state.json saved with the model
     trainer.accelerator.end_training()
 
 
