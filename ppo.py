@@ -506,9 +506,13 @@ def generate_responses(actor, queries, query_mask, args, stop_token_id, pad_toke
     """Sample up to response_length tokens per prompt, in chunks of generation_batch_size."""
     from transformers import GenerationConfig
 
+    # generate() fills every option left None from the model's generation_config (hub checkpoints ship top_k,
+    # repetition_penalty, ...), then from global defaults (top_k 50): set the ones that reshape the sampling
+    # distribution explicitly, so we sample what the arguments say (top_k 0 is off) and the log-probs match it.
     config = GenerationConfig(max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature,
-                              top_k=args.top_k or None, top_p=args.top_p, eos_token_id=stop_token_id,
-                              pad_token_id=pad_token_id, use_cache=True)
+                              top_k=args.top_k, top_p=args.top_p, eos_token_id=stop_token_id,
+                              pad_token_id=pad_token_id, use_cache=True, min_length=0, repetition_penalty=1.0,
+                              no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
     responses = []
     for part in chunks(len(queries), args.generation_batch_size):
         output = actor.generate(input_ids=queries[part], attention_mask=query_mask[part], generation_config=config)
@@ -553,7 +557,12 @@ def reward_scores(reward_model, shared: bool, ids, mask, rollout, part, tokenize
             per_token = per_token_scores(reward_model, ids, mask)
     else:
         per_token = per_token_scores(reward_model, ids, mask)
-    return per_token.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
+    # The token the sequence classifier read in training (reward.py: prompt + answer + EOS): the last one that is
+    # not its pad id. With pad != eos that is the EOS of a stopped response; with pad == eos (GPT-2-like
+    # tokenizers, where common.load_tokenizer sets pad = eos) it is the last answer token before the EOS.
+    pad_token_id = reward_model.config.pad_token_id
+    read = mask if pad_token_id is None else mask * (ids != pad_token_id)
+    return per_token.gather(1, last_token_index(read).unsqueeze(1)).squeeze(1)
 
 
 def retokenize(rollout, part, tokenizer, reward_tokenizer, device):

@@ -180,3 +180,55 @@ def test_whitening_across_two_processes_equals_one_process_over_the_whole_batch(
     assert not torch.allclose(torch.cat([results["local0"], results["local1"]]), whole, atol=1e-2)
     # One process with no sum_all is unchanged, and the distributed form with an identity sum is the same math.
     assert torch.allclose(ppo.masked_whiten(values, mask, sum_all=lambda t: t), whole, atol=1e-6)
+
+
+class _SameTokenizer:
+    """Enough of a tokenizer for reward_scores' same-tokenizer check."""
+
+    eos_token_id = 2
+
+    def get_vocab(self):
+        return {}
+
+
+@pytest.mark.parametrize("pad", [2, 0], ids=["pad==eos", "pad!=eos"])
+def test_reward_score_is_read_where_the_sequence_classifier_read_it_in_training(pad):
+    """reward.py trains on prompt + answer + EOS and the classifier reads the last token that is not the pad id:
+    with pad == eos (GPT-2-like tokenizers) that is the last answer token, not the EOS. PPO must read the same."""
+    from transformers import OPTConfig, OPTForSequenceClassification
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=30, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, ffn_dim=32,
+                       num_attention_heads=2, max_position_embeddings=32, num_labels=1, pad_token_id=pad,
+                       eos_token_id=2, bos_token_id=2, dropout=0.0)
+    model = OPTForSequenceClassification(config).eval()
+    eos = 2
+    # row 0: left-padded prompt, stopped answer; row 1: answer that did not stop
+    queries = torch.tensor([[pad, 5, 6], [7, 8, 9]])
+    query_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    responses, response_mask, _ = ppo.truncate_after_stop(torch.tensor([[10, 11, eos, 12], [13, 14, 15, 16]]), eos,
+                                                          pad)
+    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    with torch.no_grad():
+        got = ppo.reward_scores(model, False, ids, mask, None, None, _SameTokenizer(), _SameTokenizer())
+        expected = [model(torch.tensor([[5, 6, 10, 11, eos]])).logits[0, 0],  # as RewardTrainer scored it
+                    model(torch.tensor([[7, 8, 9, 13, 14, 15, 16]])).logits[0, 0]]
+    assert torch.allclose(got, torch.stack(expected), atol=1e-5)
+
+
+def test_generation_samples_as_the_arguments_say_not_as_the_model_generation_config_does():
+    """generate() fills options left unset from the model's generation_config (hub models ship top_k,
+    repetition_penalty, ...): --top_k 0 must mean all tokens, whatever the checkpoint says."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=100, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, ffn_dim=32,
+                       num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, eos_token_id=2,
+                       bos_token_id=2, dropout=0.0)
+    actor = OPTForCausalLM(config).eval()
+    actor.generation_config.top_k = 1  # a checkpoint's default: greedy in effect
+    actor.generation_config.repetition_penalty = 100.0
+    args = ppo.PPOArguments(response_length=6, temperature=1.0, top_k=0, top_p=1.0, generation_batch_size=8)
+    queries = torch.tensor([[5, 6, 7]] * 8)
+    responses = ppo.generate_responses(actor, queries, torch.ones_like(queries), args, 2, 0)
+    assert len({tuple(r) for r in responses.tolist()}) > 1, "sampling was greedy: the model's top_k was used"
