@@ -1023,6 +1023,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
                             ema_update(ema, trainable_state(unwrapped.actor, cpu=False), args.ema_decay)
                     for key, value in micro_stats.items():
                         stats.setdefault(key, []).append(value.detach().float())
+        learning_rates = scheduler.get_last_lr()  # the rates this iteration used, for the metrics
         scheduler.step()
         step += 1
         if args.adaptive_kl:
@@ -1053,7 +1054,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         reduced = accelerator.reduce(torch.stack([local[n].to(device).float() for n in names]), "mean")
         metrics = {"step": step, "episode": step * global_batch, **dict(zip(names, reduced.tolist()))}
         metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed over processes
-        metrics.update({"lr": scheduler.get_last_lr()[0], "critic_lr": scheduler.get_last_lr()[1],
+        metrics.update({"lr": learning_rates[0], "critic_lr": learning_rates[1],
                         "objective/kl_coef": kl_controller.value,
                         "time/generation_s": generated - started, "time/scoring_s": scored_at - generated,
                         "time/update_s": updated - scored_at,

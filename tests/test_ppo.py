@@ -550,3 +550,11 @@ def test_ptx_adds_ptx_coef_times_the_lm_gradient_to_the_actor_gradient(env, demo
     for name in total_grads:
         if name.startswith("critic."):
             assert torch.allclose(total_grads[name], ppo_grads[name], atol=1e-6), name
+
+
+def test_logged_learning_rates_are_the_ones_each_iteration_used(env, demo_models, tmp_path):
+    """Linear decay over 2 iterations, no warmup: iteration 1 trains at the full rates, iteration 2 at half."""
+    history, _ = ppo_main(demo_models, tmp_path / "lr", *SHORT, "--lr_scheduler_type", "linear",
+                          "--learning_rate", "1e-3", "--critic_learning_rate", "4e-3", "--save_steps", "100")
+    assert [m["lr"] for m in history] == pytest.approx([1e-3, 5e-4])
+    assert [m["critic_lr"] for m in history] == pytest.approx([4e-3, 2e-3])
