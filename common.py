@@ -537,6 +537,22 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     return tokenizer
 
 
+def prepare_trainer_step(step: str, data_args: DataArguments, training_args, model_args):
+    """What sft.py and reward.py do before they build their trainer: logging, flag checks, the tokenizer, the
+    checkpoint to resume from, and the step's tokenized (train, eval) rows.
+
+    The rows are tokenized here, not by TRL's trainers: SFTTrainer would cut long rows from the right and lose the
+    answer, RewardTrainer would silently drop every pair longer than max_length.
+    """
+    setup_logging(training_args.process_index == 0)
+    check_model_flags(model_args)
+    tokenizer = load_tokenizer(resolve_model_path(model_args.model_name_or_path))
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    with training_args.main_process_first(desc="tokenizing"):
+        train, evaluation = prepare_step_data(data_args, tokenizer, step, training_args.max_length)
+    return tokenizer, resume, train, evaluation
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 6. Outputs: checkpoints and final saves
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,15 +19,8 @@ ARGUMENTS = (common.DataArguments, RewardConfig, ModelConfig)
 
 @common.exit_on_user_error
 def main(data_args: common.DataArguments, training_args: RewardConfig, model_args: ModelConfig):
-    common.setup_logging(training_args.process_index == 0)
-    common.check_model_flags(model_args)
-    model_path = common.resolve_model_path(model_args.model_name_or_path)
-    tokenizer = common.load_tokenizer(model_path)
-    resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-
-    # Tokenize here, not in RewardTrainer: it would silently drop every pair longer than max_length.
-    with training_args.main_process_first(desc="tokenizing"):
-        train, evaluation = common.prepare_step_data(data_args, tokenizer, "reward", training_args.max_length)
+    tokenizer, resume, train, evaluation = common.prepare_trainer_step("reward", data_args, training_args,
+                                                                       model_args)
 
     model = common.load_model(model_args, AutoModelForSequenceClassification, num_labels=1)
     # The score is read at the last token that is not padding, so the model must know the pad id.

@@ -34,15 +34,7 @@ class PerplexitySFTTrainer(SFTTrainer):
 
 @common.exit_on_user_error
 def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: ModelConfig):
-    common.setup_logging(training_args.process_index == 0)
-    common.check_model_flags(model_args)
-    model_path = common.resolve_model_path(model_args.model_name_or_path)
-    tokenizer = common.load_tokenizer(model_path)
-    resume = common.resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-
-    # Tokenize here, not in SFTTrainer: it would cut long rows from the right and lose the answer.
-    with training_args.main_process_first(desc="tokenizing"):
-        train, evaluation = common.prepare_step_data(data_args, tokenizer, "sft", training_args.max_length)
+    tokenizer, resume, train, evaluation = common.prepare_trainer_step("sft", data_args, training_args, model_args)
     if training_args.completion_only_loss is None:
         training_args.completion_only_loss = True  # our default: learn the answers, not the prompts
 
