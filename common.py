@@ -79,7 +79,7 @@ class DataArguments:
         default="2,4,4",
         metadata={
             "help": "Shares of the training rows for SFT, reward and PPO (DeepSpeed-Chat's --data_split): each step "
-            "trains on its own disjoint share, the same for a given --data_seed. '1,1,1' splits in thirds."
+            "trains on its own disjoint share, the same for a given --data_seed_for_split. '1,1,1' splits in thirds."
         },
     )
     data_seed_for_split: int = field(default=1234, metadata={"help": "Seed of the shuffle behind --data_split."})
