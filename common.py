@@ -648,6 +648,16 @@ def save_trainer_output(trainer, output_dir: str, merge_adapter: bool, merged_cl
     trainer.accelerator.wait_for_everyone()
 
 
+def print_table(rows: list[list]) -> None:
+    """Print rows as aligned columns, the first row a header underlined with dashes (summaries and results)."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    for i, row in enumerate(cells):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * width for width in widths))
+
+
 def write_json(path: str | Path, data) -> None:
     """Write JSON atomically (a .partial file renamed into place), so a reader never sees half a file."""
     path = Path(path)

@@ -109,12 +109,11 @@ def sft_perplexity(args: EvalArguments, data_args: common.DataArguments) -> dict
 
 @torch.no_grad()
 def sequence_scores(reward_model, sequences: list[list[int]], pad_token_id: int, batch_size: int) -> torch.Tensor:
-    """The reward model's score at each sequence's last token (left padding), as ppo.py scores rollouts."""
+    """The reward model's score of each sequence (left padding), read where ppo.py reads rollouts' scores."""
     scores = []
     for part in ppo.chunks(len(sequences), batch_size):
         ids, mask = ppo.left_pad(sequences[part], pad_token_id, device())
-        per_token = ppo.per_token_scores(reward_model, ids, mask)
-        scores.append(per_token.gather(1, ppo.last_token_index(mask).unsqueeze(1)).squeeze(1).cpu())
+        scores.append(ppo.score_at_last_token(reward_model, ids, mask).cpu())
     return torch.cat(scores)
 
 
@@ -240,13 +239,8 @@ def print_table(results: dict) -> None:
     if policies:
         columns = ["reward_mean"] + sorted({k for p in policies.values() for k in p if k.startswith("win_rate")}) + \
                   ["kl_to_reference", "mean_length", "eos_rate"]
-        table = [["policy"] + columns] + [[name] + [f"{p[c]:.3f}" if c in p else "-" for c in columns]
-                                          for name, p in policies.items()]
-        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-        for i, row in enumerate(table):
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-            if i == 0:
-                print("  ".join("-" * width for width in widths))
+        common.print_table([["policy"] + columns] + [[name] + [f"{p[c]:.3f}" if c in p else "-" for c in columns]
+                                                     for name, p in policies.items()])
 
 
 @common.exit_on_user_error

@@ -497,6 +497,18 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[tor
     return ids, mask
 
 
+def shard_of_shuffle(rows: list, batch_size: int, position: int, seed: int, num_processes: int,
+                     process_index: int) -> list:
+    """This process's `batch_size` rows of the position-th global batch: a pure function of the position (so a
+    resumed run sees the same data), walking through a fresh seeded shuffle of the rows on each pass, with the
+    processes taking consecutive, disjoint slices."""
+    per_pass = len(rows) // (batch_size * num_processes)
+    epoch, index = divmod(position, per_pass)
+    order = np.random.RandomState(seed + epoch).permutation(len(rows))
+    start = (index * num_processes + process_index) * batch_size
+    return [rows[int(i)] for i in order[start : start + batch_size]]
+
+
 def chunks(n: int, size: int):
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
@@ -549,17 +561,20 @@ def score_rollout(model: ActorCritic, reference, reward, rollout: dict, args, to
 
 
 def reward_scores(reward_model, shared: bool, ids, mask, rollout, part, tokenizer, reward_tokenizer) -> torch.Tensor:
-    """The reward model's score at the last real token; through text when the reward tokenizer differs."""
+    """The reward model's score of each sequence; through text when the reward tokenizer differs."""
     if not same_tokenizer(tokenizer, reward_tokenizer):
         ids, mask = retokenize(rollout, part, tokenizer, reward_tokenizer, ids.device)
     if shared:
         with reward_model.disable_adapter():
-            per_token = per_token_scores(reward_model, ids, mask)
-    else:
-        per_token = per_token_scores(reward_model, ids, mask)
-    # The token the sequence classifier read in training (reward.py: prompt + answer + EOS): the last one that is
-    # not its pad id. With pad != eos that is the EOS of a stopped response; with pad == eos (GPT-2-like
-    # tokenizers, where common.load_tokenizer sets pad = eos) it is the last answer token before the EOS.
+            return score_at_last_token(reward_model, ids, mask)
+    return score_at_last_token(reward_model, ids, mask)
+
+
+def score_at_last_token(reward_model, ids, mask) -> torch.Tensor:
+    """A sequence classifier's score, read at the token it read in training (reward.py: prompt + answer + EOS):
+    the last one that is not its pad id. With pad != eos that is the EOS of a stopped response; with pad == eos
+    (GPT-2-like tokenizers, where common.load_tokenizer sets pad = eos) it is the last answer token before the EOS."""
+    per_token = per_token_scores(reward_model, ids, mask)
     pad_token_id = reward_model.config.pad_token_id
     read = mask if pad_token_id is None else mask * (ids != pad_token_id)
     return per_token.gather(1, last_token_index(read).unsqueeze(1)).squeeze(1)
@@ -924,25 +939,21 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         accelerator.init_trackers("ppo", config={k: v for k, v in asdict(args).items()
                                                  if isinstance(v, (int, float, str, bool))})
 
+    # Token ids as plain lists, read once: the loops below pick rows from them every iteration.
+    prompt_ids = train["input_ids"]
+
     def prompt_batch(at_step: int) -> list[list[int]]:
         """This process's prompts for a step: a pure function of the step, so a resumed run sees the same data."""
-        per_epoch = len(train) // global_batch
-        epoch, index = divmod(at_step, per_epoch)
-        order = np.random.RandomState(args.seed + epoch).permutation(len(train))
-        start = index * global_batch + accelerator.process_index * args.local_rollout_batch_size
-        return [train[int(i)]["input_ids"] for i in order[start : start + args.local_rollout_batch_size]]
+        return shard_of_shuffle(prompt_ids, args.local_rollout_batch_size, at_step, args.seed,
+                                accelerator.num_processes, accelerator.process_index)
 
     if args.ptx_coef:
-        ptx_rows = load_ptx_data(data_args, args, tokenizer)
+        ptx_ids = load_ptx_data(data_args, args, tokenizer)["input_ids"]
 
     def ptx_batch(position: int) -> list[list[int]]:
-        """This process's PTX sequences for the position-th micro-batch: a pure function of the position (saved in
-        checkpoints), cycling through a fresh shuffle each pass over the rows."""
-        per_pass = len(ptx_rows) // (args.ptx_batch_size * accelerator.num_processes)
-        epoch, index = divmod(position, per_pass)
-        order = np.random.RandomState(args.seed + 7919 + epoch).permutation(len(ptx_rows))
-        start = (index * accelerator.num_processes + accelerator.process_index) * args.ptx_batch_size
-        return [ptx_rows[int(i)]["input_ids"] for i in order[start : start + args.ptx_batch_size]]
+        """This process's PTX sequences for the position-th micro-batch (the position is saved in checkpoints)."""
+        return shard_of_shuffle(ptx_ids, args.ptx_batch_size, position, args.seed + 7919, accelerator.num_processes,
+                                accelerator.process_index)
 
     stop = StopRequested()
     history, last_checkpoint = [], resume

@@ -217,15 +217,10 @@ def collect_plot(name: str, folder: Path, plots_dir: Path) -> str | None:
 
 
 def print_summary(rows: list[dict]) -> None:
-    header = ("step", "status", "time", "headline", "output")
-    table = [header] + [(r["step"], r["status"], f"{r['duration_s']:.0f}s", headline(r["step"], r["metrics"]),
-                         r["output"]) for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     print()
-    for i, row in enumerate(table):
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * width for width in widths))
+    common.print_table([("step", "status", "time", "headline", "output")] +
+                       [(r["step"], r["status"], f"{r['duration_s']:.0f}s", headline(r["step"], r["metrics"]),
+                         r["output"]) for r in rows])
 
 
 @common.exit_on_user_error

@@ -232,3 +232,11 @@ def test_generation_samples_as_the_arguments_say_not_as_the_model_generation_con
     queries = torch.tensor([[5, 6, 7]] * 8)
     responses = ppo.generate_responses(actor, queries, torch.ones_like(queries), args, 2, 0)
     assert len({tuple(r) for r in responses.tolist()}) > 1, "sampling was greedy: the model's top_k was used"
+
+
+def test_shard_of_shuffle_gives_processes_disjoint_slices_and_covers_a_pass():
+    rows = list(range(24))
+    first_pass = [ppo.shard_of_shuffle(rows, 3, position, 5, 2, process) for position in range(4) for process in (0, 1)]
+    assert sorted(sum(first_pass, [])) == rows  # one pass: every row once, no process sees another's rows
+    assert ppo.shard_of_shuffle(rows, 3, 2, 5, 2, 1) == first_pass[5]  # a pure function of the position
+    assert ppo.shard_of_shuffle(rows, 3, 4, 5, 2, 0) != first_pass[0]  # the next pass is shuffled afresh
