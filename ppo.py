@@ -80,6 +80,8 @@ class PPOArguments:
     normalize_scores: bool = field(default=False, metadata={"help": "Normalise scores with a running mean and std."})
     generation_batch_size: int | None = field(default=None, metadata={"help": "Prompts per generate() call and per "
                                               "scoring forward pass (default: the whole rollout batch)."})
+    generation_backend: str = field(default="dynamic", metadata={"help": "KV cache of generate(): dynamic, static "
+                                    "(preallocated), or compile (static + torch.compile of the decoding step)."})
     gather_for_generation: bool = field(default=True, metadata={"help": "Under ZeRO-3, gather the actor's parameters "
                                         "for generation (fast); false for models that don't fit gathered (TRL's "
                                         "ds3_gather_for_generation)."})
@@ -302,23 +304,24 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.actor, self.critic = actor, critic
 
-    def forward(self, input_ids, attention_mask, ptx_ids=None, ptx_mask=None):
-        """Policy logits and values of a rollout micro-batch, plus the policy's logits on a PTX batch if given: one
-        forward through the (DDP/DeepSpeed-wrapped) module, so one backward covers all three."""
+    def forward(self, input_ids, attention_mask, ptx_ids=None, ptx_mask=None, logits_to_keep: int = 0):
+        """Policy logits (at the last logits_to_keep positions; 0: all) and values of a rollout micro-batch, plus the
+        policy's logits on a PTX batch if given: one forward through the (DDP/DeepSpeed-wrapped) module, so one
+        backward covers all three."""
         ptx_logits = None if ptx_ids is None else rollout.policy_logits(self.actor, ptx_ids, ptx_mask)
-        return (rollout.policy_logits(self.actor, input_ids, attention_mask),
+        return (rollout.policy_logits(self.actor, input_ids, attention_mask, keep=logits_to_keep),
                 rollout.per_token_scores(self.critic, input_ids, attention_mask), ptx_logits)
 
 
 def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None = None):
     """The loss of one micro-batch: clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy
     (+ ptx_coef * LM loss on the PTX batch `ptx` = (ids, mask)); returns (loss, stats dict)."""
-    from trl.trainer.utils import entropy_from_logits
-
     ptx_ids, ptx_mask = ptx if ptx is not None else (None, None)
-    logits, new_values, ptx_logits = model(batch["input_ids"], batch["attention_mask"], ptx_ids, ptx_mask)
-    # Position t predicts token t+1: the logits and values for the response are those at context-1 .. end-1.
-    logits = logits[:, context - 1:-1]
+    # Position t predicts token t+1: the logits and values for the response are those at context-1 .. end-1, so
+    # the vocabulary head runs on those positions only.
+    logits, new_values, ptx_logits = model(batch["input_ids"], batch["attention_mask"], ptx_ids, ptx_mask,
+                                           batch["responses"].shape[1] + 1)
+    logits = logits[:, :-1]
     new_logprobs = rollout.logprobs_from_logits(logits, batch["responses"], args.temperature)
     new_values = new_values[:, context - 1:-1]
     mask = batch["mask"]
@@ -328,7 +331,7 @@ def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None =
                                               args.cliprange_value)
     loss = pg_loss + args.vf_coef * vf_loss
     with torch.set_grad_enabled(args.entropy_coef != 0 and torch.is_grad_enabled()):
-        entropy = masked_mean(entropy_from_logits(logits.float() / args.temperature), mask)
+        entropy = masked_mean(rollout.entropy_from_logits(logits, args.temperature), mask)
     if args.entropy_coef:
         loss = loss - args.entropy_coef * entropy
     stats = dict(approxkl=approxkl, clipfrac=clipfrac, pg_loss=pg_loss, vf_loss=vf_loss, vf_clipfrac=vf_clipfrac,
@@ -579,6 +582,9 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
     common.check_model_flags(model_args)
     if args.kl_estimator not in ("k1", "k3"):
         raise common.UserError(f"--kl_estimator {args.kl_estimator}: use k1 or k3")
+    if args.generation_backend not in rollout.GENERATION_BACKENDS:
+        raise common.UserError(f"--generation_backend {args.generation_backend}: use one of "
+                               f"{', '.join(rollout.GENERATION_BACKENDS)}")
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
                  "response_length", "max_prompt_length", "save_steps"):
         if getattr(args, flag) < 1:
@@ -685,6 +691,7 @@ class Setup:
     accelerator: object
     tokenizer: object
     generation_config: object  # transformers.GenerationConfig: what the rollout samples
+    logprobs_temperature: float | None  # record the rollout's log-probs while sampling (float32), or None
     model: nn.Module  # the ActorCritic, wrapped by accelerate (DDP / DeepSpeed engine)
     unwrapped: ActorCritic
     reference: nn.Module | None  # None: the actor with its adapter off
@@ -739,7 +746,11 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
     reward_fn = rollout.reward_function(unwrapped.critic if reward is None else reward, tokenizer, reward_tokenizer,
                                         adapter_off=reward is None)
     generation_config = rollout.sampling_config(args.response_length, args.temperature, args.top_k, args.top_p,
-                                                stop_token_id, tokenizer.pad_token_id)
+                                                stop_token_id, tokenizer.pad_token_id,
+                                                backend=args.generation_backend)
+    # generate()'s logits are those of a fresh forward pass (to ~1e-6) only in float32: there the rollout's
+    # log-probs are recorded while sampling, one forward pass fewer; in bf16 they are recomputed.
+    exact = not args.bf16 and all(p.dtype == torch.float32 for p in unwrapped.actor.parameters())
 
     # Token ids as plain lists, read once: the loop picks rows from them every iteration. Each batch is a pure
     # function of its position, so a resumed run sees the same data.
@@ -753,8 +764,9 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
     def ptx_batch(position: int) -> list[list[int]]:
         return rollout.shard_of_shuffle(ptx_ids, args.ptx_batch_size, position, args.seed + 7919, n, rank)
 
-    return Setup(accelerator, tokenizer, generation_config, model, unwrapped, reference, reward_fn, optimizer,
-                 scheduler, global_batch, prompt_batch, ptx_batch if args.ptx_coef else None)
+    return Setup(accelerator, tokenizer, generation_config, args.temperature if exact else None, model, unwrapped,
+                 reference, reward_fn, optimizer, scheduler, global_batch, prompt_batch,
+                 ptx_batch if args.ptx_coef else None)
 
 
 def initial_ema(accelerator, unwrapped: ActorCritic, decay: float | None) -> dict | None:
@@ -909,7 +921,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         unwrapped.eval()
         with gathered_for_generation(model, accelerator, args.gather_for_generation):
             sample = rollout.generate_rollout(unwrapped.actor, queries, query_mask, run.generation_config,
-                                              args.generation_batch_size)
+                                              args.generation_batch_size, run.logprobs_temperature)
         generated = time.perf_counter()
 
         # --- 2. score: log-probs under actor and reference, the critic's values, the reward model's scores -------

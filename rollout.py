@@ -15,6 +15,7 @@ Every function takes explicit tensors and numbers (no argument objects). Convent
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -87,6 +88,7 @@ class Rollout:
     responses: torch.Tensor  # (batch, response_length) ids, padding after the stop token
     response_mask: torch.Tensor  # 1 up to and including the stop token
     has_stop: torch.Tensor  # (batch,) bool: the response produced the stop token
+    logprobs: torch.Tensor | None = None  # (batch, response_length) from generate()'s logits, if it recorded them
 
     @property
     def context(self) -> int:
@@ -104,61 +106,194 @@ class Rollout:
         return len(self.queries)
 
     def __getitem__(self, index) -> Rollout:
-        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                          for f in fields(self)})
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------------
+GENERATION_BACKENDS = ("dynamic", "static", "compile")
+
+
 def sampling_config(max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_token_id: int,
-                    pad_token_id: int, greedy: bool = False, repetition_penalty: float = 1.0):
+                    pad_token_id: int, greedy: bool = False, repetition_penalty: float = 1.0,
+                    backend: str = "dynamic"):
     """A GenerationConfig that samples exactly what the arguments say.
 
     generate() fills every option left None from the model's generation_config (hub checkpoints ship top_k,
     repetition_penalty, ...), then from global defaults (top_k 50): set every one that reshapes the sampling
     distribution, so top_k 0 means all tokens and the training log-probs match what was sampled.
+    backend: the KV cache: "dynamic" (grows per token), "static" (preallocated, no compilation), or "compile"
+    (static + torch.compile of the decoding step, on any device; the first call compiles).
     """
-    from transformers import GenerationConfig
+    from transformers import CompileConfig, GenerationConfig
 
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
-                            temperature=None if greedy else temperature, top_k=None if greedy else top_k,
-                            top_p=None if greedy else top_p, eos_token_id=stop_token_id, pad_token_id=pad_token_id,
-                            use_cache=True, min_length=0, repetition_penalty=repetition_penalty,
-                            no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+    if backend not in GENERATION_BACKENDS:
+        raise common.UserError(f"--generation_backend {backend}: use one of {', '.join(GENERATION_BACKENDS)}")
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
+                              temperature=None if greedy else temperature, top_k=None if greedy else top_k,
+                              top_p=None if greedy else top_p, eos_token_id=stop_token_id, pad_token_id=pad_token_id,
+                              use_cache=True, min_length=0, repetition_penalty=repetition_penalty,
+                              no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+    if backend != "dynamic":
+        config.cache_implementation = "static"
+        # transformers compiles the decoding step with a static cache on GPUs by itself: "static" says no.
+        config.disable_compile = backend == "static"
+        if backend == "compile":
+            config.compile_config = CompileConfig()
+            config.compile_config._compile_all_devices = True  # CPUs too
+    return config
+
+
+class SampledTokenLogprobs:
+    """A logits processor that records, while generate() samples, the log-prob of each sampled token under the
+    full distribution at `temperature`: the same quantity a fresh forward pass gives (logprobs_from_logits), one
+    forward pass fewer. Custom processors run before the sampling warpers (temperature, top-k, top-p), so the
+    scores seen here are the model's raw logits; the token sampled from step t's scores is the last of input_ids
+    at step t + 1, so each step keeps only one (batch, vocab) row set until the next."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.steps, self.pending = temperature, [], None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, tokens[:, None]).squeeze(1))
+        self.pending = None
+
+    def result(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self.take(last_tokens)
+        return torch.stack(self.steps, 1)
+
+
+def mergeable_lora_layers(model) -> list:
+    """The LoRA layers whose adapters can be folded exactly into a plain float weight (not DoRA, no LoRA bias, not
+    quantized, not a DeepSpeed ZeRO-3 parameter whose hooks may swap its data back during generation)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = []
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
+            continue
+        base = module.get_base_layer()
+        names = [n for n in module.active_adapters if n in module.lora_A]
+        if (names and type(base) is nn.Linear and base.weight.dtype.is_floating_point
+                and not hasattr(base.weight, "ds_id")
+                and not any(module.use_dora.get(n) or module.lora_bias.get(n) for n in names)):
+            layers.append((module, base, names))
+    return layers
+
+
+@contextlib.contextmanager
+def merged_lora(model):
+    """Run `model` with its LoRA deltas folded into the base weights (one matmul per layer instead of three).
+
+    Unlike PEFT's merge_adapter/unmerge_adapter, which add and subtract BA in place (a rounding drift per
+    iteration, large in bf16), the merged weight W + BA is a new tensor swapped in, and W is swapped back bit for
+    bit on exit: the reference (adapter off) never moves. A no-op for models without (mergeable) LoRA layers.
+    """
+    swapped = []
+    try:
+        with torch.no_grad():
+            for module, base, names in mergeable_lora_layers(model):
+                original = base.weight.data
+                delta = sum(module.get_delta_weight(name) for name in names)
+                base.weight.data = original + delta.to(original.dtype)
+                module.merged_adapters.extend(names)  # PEFT's forward then calls the base layer alone
+                swapped.append((module, base, original, names))
+        yield
+    finally:
+        for module, base, original, names in reversed(swapped):
+            base.weight.data = original
+            for name in names:
+                module.merged_adapters.remove(name)
 
 
 @torch.no_grad()
-def generate_responses(actor, queries: torch.Tensor, query_mask: torch.Tensor, config, batch_size: int) -> torch.Tensor:
-    """Up to config.max_new_tokens sampled ids per prompt, right-padded to that length, in chunks of batch_size."""
+def generate_responses(actor, queries: torch.Tensor, query_mask: torch.Tensor, config, batch_size: int,
+                       logprobs_temperature: float | None = None):
+    """Up to config.max_new_tokens sampled ids per prompt, right-padded to that length, in chunks of batch_size.
+
+    Returns (responses, logprobs): with logprobs_temperature, logprobs are the sampled tokens' log-probs at that
+    temperature (SampledTokenLogprobs), padded with 0; without, None.
+    """
     length, pad_token_id = config.max_new_tokens, config.pad_token_id
-    responses = []
+    responses, logprobs = [], []
     for part in chunks(len(queries), batch_size):
-        output = actor.generate(input_ids=queries[part], attention_mask=query_mask[part], generation_config=config)
+        recorder = None if logprobs_temperature is None else SampledTokenLogprobs(logprobs_temperature)
+        output = actor.generate(input_ids=queries[part], attention_mask=query_mask[part], generation_config=config,
+                                logits_processor=None if recorder is None else [recorder])
         new = output[:, queries.shape[1]:]
         responses.append(nn.functional.pad(new, (0, length - new.shape[1]), value=pad_token_id))
-    return torch.cat(responses)
+        if recorder is not None:
+            logprobs.append(nn.functional.pad(recorder.result(new[:, -1]), (0, length - new.shape[1]), value=0.0))
+    return torch.cat(responses), (torch.cat(logprobs) if logprobs else None)
 
 
-def generate_rollout(actor, queries: torch.Tensor, query_mask: torch.Tensor, config, batch_size: int) -> Rollout:
-    """Sample answers to left-padded prompts and cut them after config.eos_token_id (the stop token)."""
-    raw = generate_responses(actor, queries, query_mask, config, batch_size)
+def generate_rollout(actor, queries: torch.Tensor, query_mask: torch.Tensor, config, batch_size: int,
+                     logprobs_temperature: float | None = None, merge_lora: bool = True) -> Rollout:
+    """Sample answers to left-padded prompts and cut them after config.eos_token_id (the stop token).
+
+    logprobs_temperature: also record the sampled tokens' log-probs (Rollout.logprobs; use it only where generate()
+    computes the logits as a fresh forward pass would: float32 weights, no autocast). merge_lora: sample with the
+    LoRA weights merged (merged_lora).
+    """
+    with merged_lora(actor) if merge_lora else contextlib.nullcontext():
+        raw, logprobs = generate_responses(actor, queries, query_mask, config, batch_size, logprobs_temperature)
     responses, response_mask, has_stop = truncate_after_stop(raw, config.eos_token_id, config.pad_token_id)
-    return Rollout(queries, query_mask, responses, response_mask, has_stop)
+    return Rollout(queries, query_mask, responses, response_mask, has_stop,
+                   None if logprobs is None else logprobs * response_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Forward passes: log-probs, values, scores
 # ----------------------------------------------------------------------------------------------------------------
-def policy_logits(actor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return actor(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+def keeps_logits(model) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (computes the vocabulary head on the last positions
+    only): transformers' models do; with OPT's 50k vocabulary the head is a third of a 125M model's forward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def policy_logits(actor, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """The actor's logits at every position, or (keep > 0) at the last `keep` positions only."""
+    extra = {"logits_to_keep": keep} if keep and keeps_logits(actor) else {}
+    logits = actor(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False, **extra).logits
+    return logits[:, -keep:] if keep else logits
+
+
+def _by_rows(function, logits: torch.Tensor, *others, rows: int = 1) -> torch.Tensor:
+    """function(logits[part], *others[part]) over chunks of `rows` sequences, concatenated. Each chunk is upcast to
+    float32 inside `function`, so no float32 copy of the whole (batch, length, vocab) tensor is ever made; under
+    autograd the chunks are recomputed in the backward pass (checkpointing) rather than kept."""
+    from torch.utils.checkpoint import checkpoint
+
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    out = []
+    for part in chunks(len(logits), rows):
+        args = (logits[part], *(t[part] for t in others))
+        out.append(checkpoint(function, *args, use_reentrant=False) if grad else function(*args))
+    return torch.cat(out)
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probs of `tokens` under logits scaled by the sampling temperature (as generate() sampled them)."""
     from trl.trainer.utils import selective_log_softmax
 
-    return selective_log_softmax(logits.float() / temperature, tokens)
+    return _by_rows(lambda chunk, index: selective_log_softmax(chunk.float() / temperature, index), logits, tokens)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of the sampling distribution (logits / temperature) at each position, in chunks as above."""
+    from trl.trainer.utils import entropy_from_logits as entropy
+
+    return _by_rows(lambda chunk: entropy(chunk.float() / temperature), logits)
 
 
 def backbone_and_head(sequence_classifier):
@@ -203,9 +338,10 @@ def score_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: t
 
 @torch.no_grad()
 def response_logprobs(actor, batch: Rollout, temperature: float) -> torch.Tensor:
-    """(batch, response_length) log-probs of the sampled response tokens under `actor`, one forward pass."""
-    logits = policy_logits(actor, batch.input_ids, batch.attention_mask)[:, batch.context - 1 : -1]
-    return logprobs_from_logits(logits, batch.responses, temperature)
+    """(batch, response_length) log-probs of the sampled response tokens under `actor`, one forward pass; the
+    vocabulary head runs on the response positions only (position t predicts token t + 1)."""
+    logits = policy_logits(actor, batch.input_ids, batch.attention_mask, keep=batch.responses.shape[1] + 1)
+    return logprobs_from_logits(logits[:, :-1], batch.responses, temperature)
 
 
 @torch.no_grad()
@@ -282,15 +418,18 @@ def score_rollout(batch: Rollout, actor, reference, critic, reward_fn: Callable[
                   temperature: float, batch_size: int, autocast=contextlib.nullcontext) -> dict:
     """Log-probs under actor and reference, the critic's values and the reward, in chunks of batch_size.
 
-    reference None means the actor with its (PEFT) adapter switched off. critic None skips the values (estimators
-    without a critic). autocast: a context factory for mixed precision (accelerator.autocast).
+    The actor's log-probs are taken from the rollout when generate() recorded them (generate_rollout's
+    logprobs_temperature), else from a forward pass. reference None means the actor with its (PEFT) adapter switched
+    off. critic None skips the values (estimators without a critic). autocast: a context factory for mixed
+    precision (accelerator.autocast).
     Returns a dict of (batch, response_length) tensors logprobs, ref_logprobs, values (or None) and (batch,) scores.
     """
     out = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
     for part in chunks(len(batch), batch_size):
         piece = batch[part]
         with autocast():
-            out["logprobs"].append(response_logprobs(actor, piece, temperature))
+            out["logprobs"].append(piece.logprobs if piece.logprobs is not None
+                                   else response_logprobs(actor, piece, temperature))
             with actor.disable_adapter() if reference is None else contextlib.nullcontext():
                 out["ref_logprobs"].append(response_logprobs(actor if reference is None else reference, piece,
                                                              temperature))

@@ -231,7 +231,7 @@ def test_generation_samples_as_the_arguments_say_not_as_the_model_generation_con
     actor.generation_config.repetition_penalty = 100.0
     config = rollout.sampling_config(6, temperature=1.0, top_k=0, top_p=1.0, stop_token_id=2, pad_token_id=0)
     queries = torch.tensor([[5, 6, 7]] * 8)
-    responses = rollout.generate_responses(actor, queries, torch.ones_like(queries), config, batch_size=8)
+    responses, _ = rollout.generate_responses(actor, queries, torch.ones_like(queries), config, batch_size=8)
     assert len({tuple(r) for r in responses.tolist()}) > 1, "sampling was greedy: the model's top_k was used"
 
 
