@@ -138,6 +138,4 @@ def main(args: ChatArguments) -> None:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(HfArgumentParser(ChatArguments).parse_args_into_dataclasses()[0])
+    main(common.parse_args((ChatArguments,))[0])

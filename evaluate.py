@@ -285,6 +285,4 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(*HfArgumentParser((EvalArguments, common.DataArguments)).parse_args_into_dataclasses())
+    main(*common.parse_args((EvalArguments, common.DataArguments)))

@@ -273,6 +273,4 @@ def main(args: TrainArguments) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(HfArgumentParser(TrainArguments).parse_args_into_dataclasses()[0])
+    main(common.parse_args((TrainArguments,))[0])
