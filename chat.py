@@ -101,6 +101,7 @@ def main(args: ChatArguments) -> None:
     if not args.greedy and args.temperature <= 0:
         raise common.UserError(f"--temperature {args.temperature}: must be above 0 (or use --greedy true)")
     common.setup_logging()
+    common.require_causal_lm(common.resolve_model_path(args.model_path, "--model_path"), "--model_path")
     tokenizer = common.load_tokenizer(common.resolve_model_path(args.model_path, "--model_path"), padding_side="left")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.format == "chat_template" and not has_template:

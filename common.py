@@ -96,6 +96,12 @@ class DataArguments:
         default=False,
         metadata={"help": "With LoRA, also write the adapter merged into its base to OUTPUT_DIR/merged."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in output_dir (checkpoints, final model): it is moved to "
+                  "OUTPUT_DIR.previous-run and deleted only once this run has saved its final model. Without it, a "
+                  "fresh run into such a folder is refused (use --resume_from_checkpoint true to continue it)."},
+    )
 
 
 def parse_args(dataclass_types, argv=None):
@@ -137,12 +143,21 @@ def validate_args(dataclass_types, argv=None, check_paths: bool = True) -> tuple
     check_ranges(parsed)
     for args in parsed:
         if isinstance(args, DataArguments):
-            parse_data_split(args.data_split)
+            check_data_arguments(args)
         if getattr(args, "output_dir", None):
             check_output_writable(args.output_dir, "--output_dir")
         if check_paths:
             check_locations(args)
     return tuple(parsed)
+
+
+def check_data_arguments(data_args: "DataArguments") -> None:
+    """The data options that are wrong whatever the data: a malformed --data_split, evaluating on training rows."""
+    parse_data_split(data_args.data_split)
+    if data_args.dataset_test_split == data_args.dataset_train_split:
+        raise UserError(f"--dataset_test_split {data_args.dataset_test_split} is the training split: evaluation would "
+                        "score rows the model trained on; name the test split, or a missing one to hold out "
+                        "--eval_fraction of the training rows")
 
 
 def closest(name: str, candidates, template: str) -> str:
@@ -530,7 +545,49 @@ def _load_files(builder: str, files: dict, name: str):
     except Exception as error:
         if "corresponds to no data" in str(error):
             raise UserError(f"--dataset_name {name}: no rows (the file is empty); add rows in rm-static schema")
+        for path in files.values() if builder == "json" else []:
+            bad = first_bad_json_line(path)
+            if bad:
+                raise UserError(f"--dataset_name {path}: line {bad[0]} is {bad[1]}; fix or remove that line")
         raise UserError(f"--dataset_name {name}: could not read {builder} data ({describe(error)}); check the file is valid {builder}")
+
+
+def first_bad_json_line(path) -> tuple[int, str] | None:
+    """(line number, what is wrong) of the first line of a JSON Lines file that is not a JSON object; None when the
+    file is one valid JSON document or every line is an object. Called once loading failed, to say where."""
+    text = Path(path).read_text(errors="replace")
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as error:
+            return number, f"not valid JSON ({error.msg} at column {error.colno})"
+        if not isinstance(value, dict):
+            return number, f"not a JSON object (a {type(value).__name__})"
+    return None
+
+
+def drop_identical_pairs(dataset, source: str):
+    """Pairs whose chosen and rejected answers are the same text (but for surrounding space) teach a reward model
+    nothing and count as errors in its accuracy. A few are dropped and reported with counts; when they are more than
+    half of the rows, the columns are probably wrong: refuse."""
+    same = [i for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"])) if c.strip() == r.strip()]
+    if not same:
+        return dataset
+    rows = ", ".join(map(str, same[:3])) + (", ..." if len(same) > 3 else "")
+    if 2 * len(same) > len(dataset):
+        raise UserError(f"{source}: {len(same)} of {len(dataset)} pairs have chosen equal to rejected (rows {rows}); "
+                        "a reward model learns nothing from them: check the chosen and rejected columns")
+    logger.warning(f"{source}: dropped {len(same)} of {len(dataset)} pairs whose chosen equals rejected (rows {rows}):"
+                   " nothing to learn from them")
+    drop = set(same)
+    return dataset.select([i for i in range(len(dataset)) if i not in drop])
 
 
 def validate_rows(dataset, columns: tuple[str, ...], source: str) -> None:
@@ -582,9 +639,13 @@ def load_step_data(data_args: DataArguments, step: str):
     columns = REQUIRED_COLUMNS[step]
     train = raw[data_args.dataset_train_split]
     validate_rows(train, columns, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
+    if step == "reward":
+        train = drop_identical_pairs(train, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
     if data_args.dataset_test_split in raw:
         evaluation = raw[data_args.dataset_test_split]
         validate_rows(evaluation, columns, f"{data_args.dataset_name} [{data_args.dataset_test_split}]")
+        if step == "reward":
+            evaluation = drop_identical_pairs(evaluation, f"{data_args.dataset_name} [{data_args.dataset_test_split}]")
     else:
         held_out = max(1, round(len(train) * data_args.eval_fraction))
         if held_out >= len(train):
@@ -724,6 +785,32 @@ def adapter_base(path: str) -> str | None:
     return json.loads(config_file.read_text())["base_model_name_or_path"]
 
 
+def require_causal_lm(path: str, flag: str) -> None:
+    """A policy (sft.py's start, ppo.py's --sft_model_path, evaluate.py's and chat.py's policies) must be a causal
+    language model. A sequence classifier (a reward model) or a SEQ_CLS adapter would load as a causal LM with an
+    untrained or tied head and then train or answer silently: refuse it, before anything is loaded."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    adapter_file = Path(path) / "adapter_config.json"
+    if adapter_file.exists():
+        task = json.loads(adapter_file.read_text()).get("task_type")
+        if task not in (None, "CAUSAL_LM"):
+            raise UserError(f"{flag} {path}: a {task} adapter, not a causal language model; give the output of "
+                            "sft.py or ppo.py")
+        return
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{flag} {path}: could not read its config ({describe(error)}); check the path or hub id")
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in (names if isinstance(names, (list, tuple)) else [names])}
+    architectures = config.architectures or []  # a config without them (some hub configs) cannot be judged here
+    if architectures and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise UserError(f"{flag} {path}: not a causal language model (architectures {architectures}); give the "
+                        "output of sft.py or ppo.py, or another causal LM")
+
+
 def check_model_flags(model_args) -> None:
     """Reject flag combinations that cannot work, before anything is loaded or written."""
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
@@ -794,10 +881,19 @@ def prepare_trainer_step(step: str, data_args: DataArguments, training_args, mod
     """
     setup_logging(training_args.process_index == 0)
     check_model_flags(model_args)
-    tokenizer = load_tokenizer(resolve_model_path(model_args.model_name_or_path))
+    check_output_dir(training_args.output_dir, data_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    path = resolve_model_path(model_args.model_name_or_path)
+    if step == "sft":
+        require_causal_lm(path, "--model_name_or_path")
+    tokenizer = load_tokenizer(path)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     with training_args.main_process_first(desc="tokenizing"):
         train, evaluation = prepare_step_data(data_args, tokenizer, step, training_args.max_length)
+    # Last, once the data is known to be good: a mistake above leaves the old run where it was.
+    if data_args.overwrite_output_dir:
+        with training_args.main_process_first(desc="setting the previous run aside"):
+            if training_args.process_index == 0:
+                set_previous_run_aside(training_args.output_dir)
     return tokenizer, resume, train, evaluation
 
 
@@ -835,6 +931,123 @@ def resolve_resume(resume_from_checkpoint, output_dir: str) -> str | None:
         raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: this checkpoint was not written "
                         f"completely (no {CHECKPOINT_COMPLETE}); use an older one or true")
     return str(resume_from_checkpoint)
+
+
+RUN_FILES = ("config.json", "adapter_config.json", "metrics.jsonl", "trainer_state.json", "step_complete.json")
+PREVIOUS_RUN = ".previous-run"
+
+
+def run_contents(output_dir: str | Path) -> list[str]:
+    """What in output_dir shows that a run wrote there (checkpoint-N folders, a final model, PPO metrics), sorted."""
+    path = Path(output_dir)
+    if not path.is_dir():
+        return []
+    checkpoints = sorted((p.name for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda name: int(name.split("-")[-1]))
+    return checkpoints + [name for name in RUN_FILES if (path / name).exists()]
+
+
+def previous_run_dir(output_dir: str | Path) -> Path:
+    """Where an overwritten run waits until its replacement has finished: the sibling OUTPUT_DIR.previous-run."""
+    path = Path(output_dir).expanduser().resolve()
+    return path.with_name(path.name + PREVIOUS_RUN)
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, resume) -> None:
+    """Before anything is loaded or written (on every process: it only reads): a fresh run must not mix with another
+    run's checkpoints or final model in output_dir. Allowed: an empty, missing or unrelated folder; `overwrite`
+    (set_previous_run_aside then moves the old run away); `resume` (a checkpoint path, or "true"/True: the newest
+    complete checkpoint, refused when there is none but a finished model, which a restart would silently mix with).
+    """
+    resuming = resume not in (None, False, "", "false", "False")
+    if overwrite and resuming:
+        raise UserError("--overwrite_output_dir true and --resume_from_checkpoint: choose one (overwrite starts a new "
+                        "run, resume continues the one in output_dir)")
+    contents = run_contents(output_dir)
+    if overwrite:
+        target = Path(output_dir).expanduser().resolve()
+        if contents and any(target == p or target in p.parents for p in (Path.cwd().resolve(), Path.home().resolve())):
+            raise UserError(f"--overwrite_output_dir true: {output_dir} contains the current folder or your home; "
+                            "give the run a folder of its own")
+        return
+    if not contents:
+        return
+    if resuming:
+        finished = [name for name in ("config.json", "adapter_config.json") if name in contents]
+        if str(resume).lower() == "true" and newest_complete_checkpoint(output_dir) is None and finished:
+            raise UserError(f"--resume_from_checkpoint true: {output_dir} holds no complete checkpoint to resume, but "
+                            f"a finished model ({', '.join(finished)}); pass --overwrite_output_dir true to replace "
+                            "it, or choose another --output_dir")
+        return
+    checkpoints = [name for name in contents if name.startswith("checkpoint-")]
+    shown = ", ".join(checkpoints[-1:] + contents[len(checkpoints):])  # the newest checkpoint and the files
+    raise UserError(f"--output_dir {output_dir} already holds a run ({shown}); pass --resume_from_checkpoint true to "
+                    "continue it, --overwrite_output_dir true to replace it (the old run is deleted once the new one "
+                    "has finished), or choose another --output_dir")
+
+
+def set_previous_run_aside(output_dir: str | Path) -> Path | None:
+    """For --overwrite_output_dir, on the main process, right before training starts: rename output_dir (when it
+    holds a run) to OUTPUT_DIR.previous-run in one atomic step and start from an empty folder. If that sibling is
+    already there, an earlier overwrite did not finish: the sibling still holds the last finished run and is kept,
+    and output_dir (that attempt's unfinished outputs) is discarded. Returns the sibling, or None when nothing moved.
+    """
+    path = Path(output_dir).expanduser().resolve()
+    aside = previous_run_dir(path)
+    if not run_contents(path):
+        return None
+    try:
+        if aside.exists():
+            logger.warning(f"{aside} holds the run before an unfinished overwrite: kept; discarding the unfinished "
+                           f"outputs in {path}")
+            shutil.rmtree(path)
+        else:
+            path.rename(aside)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--overwrite_output_dir true: could not move the previous run in {output_dir} aside "
+                        f"({describe(error)}); move or delete it yourself")
+    logger.info(f"--overwrite_output_dir: the previous run is in {aside} until this run has saved its final model")
+    return aside
+
+
+def drop_previous_run(output_dir: str | Path) -> None:
+    """After the new run has saved its final model (main process): delete OUTPUT_DIR.previous-run, if any. It is
+    renamed first, so that a crash half-way never leaves a half-deleted folder under the name that means "the last
+    finished run"."""
+    aside = previous_run_dir(output_dir)
+    if aside.exists():
+        doomed = aside.with_name(f"{aside.name}.deleting-{os.getpid()}")
+        aside.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def swap_in(new: str | Path, target: str | Path) -> None:
+    """Replace the folder `target` by the finished folder `new`: target -> TARGET.old, new -> target, then delete
+    TARGET.old. A crash in between is repaired by finish_interrupted_swap."""
+    new, target = Path(new), Path(target)
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_interrupted_swap(target: str | Path, ready) -> None:
+    """Repair a swap_in that a crash cut short: with `target` gone and TARGET.old there, complete the swap when
+    TARGET.new is `ready(folder)` (finished), else put the old folder back. A leftover TARGET.old next to a target
+    is the deletion that did not happen."""
+    target = Path(target)
+    old, new = target.with_name(target.name + ".old"), target.with_name(target.name + ".new")
+    if old.exists() and not target.exists():
+        if new.exists() and ready(new):
+            new.rename(target)
+        else:
+            old.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def mark_checkpoint_complete(path: str | Path, **info) -> None:
@@ -893,6 +1106,7 @@ def save_trainer_output(trainer, output_dir: str, merge_adapter: bool, merged_cl
         # Trainer keeps the full log history only in checkpoints: save the final one with the model, for the charts.
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
         move_into(staging, output_dir)
+        drop_previous_run(output_dir)  # the final model is complete: an overwritten run may go now
     trainer.accelerator.wait_for_everyone()
 
 
