@@ -546,6 +546,9 @@ def prepare_trainer_step(step: str, data_args: DataArguments, training_args, mod
     """
     setup_logging(training_args.process_index == 0)
     check_model_flags(model_args)
+    import memory_plan  # one line: the predicted peak GPU memory, a warning when it exceeds the visible GPU
+
+    memory_plan.log_estimate(step, training_args, model_args)
     tokenizer = load_tokenizer(resolve_model_path(model_args.model_name_or_path))
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     with training_args.main_process_first(desc="tokenizing"):
