@@ -242,6 +242,17 @@ def training_state_bytes(m: Model, launch: Launch) -> dict:
     return {"gpu": {**states, **grads}, "cpu": {}}
 
 
+def optimizer_step_bytes(m: Model, launch: Launch) -> float:
+    """Temporaries of AdamW's step where it runs on the GPU: torch's multi-tensor (foreach) step makes one
+    temporary as large as the moments (sqrt of the second moment); none when the step runs on the CPU."""
+    n = trainable_params(m)
+    if launch.zero_stage and launch.offload_optimizer:
+        return 0
+    if launch.zero_stage:
+        return n / launch.processes * 4
+    return n * (m.lora_bytes if m.lora_r else m.dtype_bytes)
+
+
 def deepspeed_bucket_bytes(launch: Launch, trainable: int) -> float:
     """ZeRO-1/2 stage gradients through a contiguous bucket of reduce_bucket_size elements (bf16), allocated in full."""
     if launch.zero_stage in (1, 2):
@@ -351,7 +362,7 @@ class Setup:
     max_prompt_length: int = 256  # ppo
     response_length: int = 256
     generation_batch: int = 8
-    separate_critic: bool = False  # ppo: --critic_model_path, or a reward model with another tokenizer
+    other_tokenizer: bool = False  # ppo: the reward model reads other tokens, so the critic starts from the SFT model
     notes: list = field(default_factory=list)
 
 
@@ -413,8 +424,12 @@ def plan_trainer_step(setup: Setup) -> tuple[list[Line], dict]:
     eval_tokens = setup.eval_batch * (2 if reward else 1) * setup.max_length
     peak_eval = forward_transient_bytes(m, eval_tokens, e) + (0 if reward else sft_logits_bytes(
         m.arch, eval_tokens, e, False) - eval_tokens * m.arch.hidden * 4)
-    phases = {"train": acts["saved"] + max(logits, acts["backward"]), "eval": peak_eval}
-    if phases["train"] >= peak_eval:
+    phases = {"train": acts["saved"] + max(logits, acts["backward"]), "eval": peak_eval,
+              "optimizer step": optimizer_step_bytes(m, launch)}
+    peak = max(phases, key=phases.get)
+    if peak == "optimizer step":
+        lines.append(Line(role, "optimizer step temporaries", phases[peak]))
+    elif peak == "train":
         lines.append(Line(role, f"activations (micro-batch {batch} x {setup.max_length}, "
                           f"{'checkpointed' if setup.gradient_checkpointing else 'all saved'})",
                           acts["saved"] + max(0, acts["backward"] - logits)))
@@ -435,18 +450,20 @@ def plan_ppo(setup: Setup) -> tuple[list[Line], dict]:
     launch = setup.launch
     actor = _model(setup, setup.models["sft"], False, True, launch)
     reward = _model(setup, setup.models["reward"], True, False, launch)
-    critic_path = setup.models.get("critic") or setup.models["reward"]
-    if setup.separate_critic and not setup.models.get("critic"):
-        critic_path = setup.models["sft"]  # another tokenizer: the critic starts from the SFT backbone
+    # ppo.build_models: the critic is the reward model under its own LoRA unless --critic_model_path is given or
+    # the reward model reads other tokens (then the SFT backbone); without LoRA it is a copy.
+    critic_path = setup.models.get("critic") or setup.models["sft" if setup.other_tokenizer else "reward"]
     critic = _model(setup, critic_path, True, True, launch)
-    shared_ref = shared_reward = setup.use_peft
-    shared_reward = shared_reward and not setup.separate_critic
+    shared_ref = setup.use_peft
+    shared_reward = setup.use_peft and not setup.models.get("critic") and not setup.other_tokenizer
     lines = _static_lines("actor", actor, launch)
-    lines.append(Line("reference", "weights: shared with the actor (LoRA off)" if shared_ref else
-                      f"weights ({actor.dtype_bytes * 8}-bit)", 0 if shared_ref else weight_bytes(actor)))
+    lines.append(Line("reference", "weights: the actor's, LoRA off" if shared_ref else
+                      f"weights ({actor.dtype_bytes * 8}-bit), a copy", 0 if shared_ref else weight_bytes(actor),
+                      note="shared" if shared_ref else ""))
     lines += _static_lines("critic", critic, launch, weights=not shared_reward)
     lines.append(Line("reward model", f"weights ({reward.dtype_bytes * 8 if not reward.quant_4bit else 4}-bit)" +
-                      (", shared with the critic (LoRA off)" if shared_reward else ""), weight_bytes(reward)))
+                      (", also the critic's (its LoRA off)" if shared_reward else ""), weight_bytes(reward),
+                      note="shared" if shared_reward else ""))
     trainable = trainable_params(actor) + trainable_params(critic)
     lines.append(Line("actor + critic", "DeepSpeed gradient bucket", deepspeed_bucket_bytes(launch, trainable)))
 
@@ -462,9 +479,12 @@ def plan_ppo(setup: Setup) -> tuple[list[Line], dict]:
     peak_generate = kv + forward_transient_bytes(actor, g * setup.max_prompt_length, e) + g * actor.arch.vocab * 8
     peak_score = max(scoring_logits_bytes(actor.arch, g, length, r, e) + forward_transient_bytes(actor, g * length, e),
                      forward_transient_bytes(critic, g * length, e))
-    phases = {"train": peak_train, "generate": peak_generate, "score": peak_score}
+    phases = {"train": peak_train, "generate": peak_generate, "score": peak_score,
+              "optimizer step": optimizer_step_bytes(actor, launch) + optimizer_step_bytes(critic, launch)}
     phase = max(phases, key=phases.get)
-    if phase == "train":
+    if phase == "optimizer step":
+        lines.append(Line("actor + critic", "optimizer step temporaries", phases[phase]))
+    elif phase == "train":
         lines.append(Line("actor", f"activations (micro-batch {b} x {length}, "
                           f"{'checkpointed' if setup.gradient_checkpointing else 'all saved'})",
                           actor_acts["saved"] + max(0, backward - logits)))
@@ -506,7 +526,7 @@ class Plan:
 
 def make_plan(setup: Setup) -> Plan:
     lines, phases = plan_ppo(setup) if setup.step == "ppo" else plan_trainer_step(setup)
-    lines = [line for line in lines if line.gpu or line.cpu]
+    lines = [line for line in lines if line.gpu or line.cpu or line.note]
     allocated = sum(line.gpu for line in lines)
     margin = margin_bytes(allocated)
     return Plan(setup, lines, phases, allocated, margin, allocated + margin)
@@ -588,7 +608,7 @@ def setup_from_args(step: str, args, model_args, launch: Launch, same_tokenizer:
                                         "critic": args.critic_model_path},
                      max_prompt_length=args.max_prompt_length, response_length=args.response_length,
                      generation_batch=args.generation_batch_size or rollout,
-                     separate_critic=bool(args.critic_model_path) or not same_tokenizer or not model_args.use_peft,
+                     other_tokenizer=not same_tokenizer,
                      **common)
     return Setup(step=step, models={"model": model_args.model_name_or_path}, eval_batch=args.per_device_eval_batch_size,
                  max_length=args.max_length or 1024, **common)

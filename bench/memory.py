@@ -90,15 +90,14 @@ def fill_ppo_models(args, argv) -> list[str]:
 
 
 def same_tokenizer(args) -> bool:
-    """Whether the PPO reward model reads the actor's tokens (else the critic is a separate copy); assumed when the
-    tokenizers cannot be read here."""
-    try:
-        import ppo
-
-        return ppo.same_tokenizer(common.load_tokenizer(common.resolve_model_path(args.sft_model_path)),
-                                  common.load_tokenizer(common.resolve_model_path(args.reward_model_path)))
-    except Exception:
+    """Whether the PPO reward model reads the actor's tokens (else the critic starts from the SFT model): compared
+    when both are local folders, assumed otherwise."""
+    paths = [args.sft_model_path, args.reward_model_path]
+    if not all(path and Path(path).is_dir() for path in paths):
         return True
+    import ppo
+
+    return ppo.same_tokenizer(*(common.load_tokenizer(path) for path in paths))
 
 
 def print_plan(plan, gpu_bytes: float) -> None:
