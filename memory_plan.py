@@ -313,10 +313,14 @@ def training_activations(m: Model, batch: int, length: int, act_bytes: int, chec
     return {"saved": saved, "backward": backward}
 
 
-def sft_logits_bytes(arch: Arch, tokens: int, act_bytes: int, trained_head: bool) -> float:
-    """TRL's fused LM head: one tile of logits at a time, plus the float32 hidden-state gradient (and head gradient)."""
-    tile = min(tokens, SFT_LOGPROB_TILE[0]) * min(arch.vocab, SFT_LOGPROB_TILE[1]) * act_bytes
-    return tile + tokens * arch.hidden * 4 + (arch.vocab * arch.hidden * 4 if trained_head else 0)
+def sft_logits_bytes(arch: Arch, tokens: int, act_bytes: int, trained_head: bool, device: str = "cuda") -> float:
+    """TRL's fused LM head: one tile of logits at a time (its buffer is allocated whole, even for a small
+    vocabulary), plus the float32 hidden-state gradient (and head gradient). On a GPU Triton folds each tile in
+    place; elsewhere TRL's torch fallback makes about seven float32 temporaries of the tile (its backward)."""
+    rows = min(tokens, SFT_LOGPROB_TILE[0])
+    tile = rows * SFT_LOGPROB_TILE[1] * act_bytes
+    fallback = 7 * rows * min(arch.vocab, SFT_LOGPROB_TILE[1]) * 4 if device != "cuda" else 0
+    return tile + fallback + tokens * arch.hidden * 4 + (arch.vocab * arch.hidden * 4 if trained_head else 0)
 
 
 def ppo_logits_bytes(arch: Arch, batch: int, length: int, response: int, act_bytes: int) -> float:
@@ -363,7 +367,7 @@ class Setup:
     response_length: int = 256
     generation_batch: int = 8
     other_tokenizer: bool = False  # ppo: the reward model reads other tokens, so the critic starts from the SFT model
-    notes: list = field(default_factory=list)
+    device: str = "cuda"  # "cpu": the CPU code paths (for bench/memory_validate.py)
 
 
 @dataclass
@@ -420,10 +424,10 @@ def plan_trainer_step(setup: Setup) -> tuple[list[Line], dict]:
     batch = setup.micro_batch * (2 if reward else 1)
     dropout = 0.0 if reward else _config_dropout(m.arch.name)  # RewardTrainer turns dropout off, SFTTrainer doesn't
     acts = training_activations(m, batch, setup.max_length, e, setup.gradient_checkpointing, dropout)
-    logits = 0 if reward else sft_logits_bytes(m.arch, batch * setup.max_length, e, not m.lora_r)
+    logits = 0 if reward else sft_logits_bytes(m.arch, batch * setup.max_length, e, not m.lora_r, setup.device)
     eval_tokens = setup.eval_batch * (2 if reward else 1) * setup.max_length
     peak_eval = forward_transient_bytes(m, eval_tokens, e) + (0 if reward else sft_logits_bytes(
-        m.arch, eval_tokens, e, False) - eval_tokens * m.arch.hidden * 4)
+        m.arch, eval_tokens, e, False, setup.device) - eval_tokens * m.arch.hidden * 4)
     phases = {"train": acts["saved"] + max(logits, acts["backward"]), "eval": peak_eval,
               "optimizer step": optimizer_step_bytes(m, launch)}
     peak = max(phases, key=phases.get)
@@ -495,7 +499,7 @@ def plan_ppo(setup: Setup) -> tuple[list[Line], dict]:
         lines.append(Line("actor", "generation prefill", peak_generate - kv))
     else:
         lines.append(Line("actor", f"scoring logits and forward (batch {g})", peak_score))
-    return lines, {"train": peak_train, "generate": peak_generate, "score": peak_score}
+    return lines, phases
 
 
 @dataclass

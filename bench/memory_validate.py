@@ -19,7 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,21 +170,28 @@ def measure_trainer_step(case: Case, arch: Path) -> dict:
             trainer.train()
 
         measured = static + profiled_peak(run)
-        plan = memory_plan.make_plan(memory_plan.setup_from_args(case.step, args, model_args, memory_plan.Launch()))
+        setup = memory_plan.setup_from_args(case.step, args, model_args, memory_plan.Launch())
+        plan = memory_plan.make_plan(replace(setup, device="cpu"))
     return {"predicted": plan.allocated, "measured": measured, "phases": plan.phases}
 
 
 def prompts_file(folder: Path, case: Case, tokenizer) -> str:
-    """One long single-turn prompt per row: ppo.py cuts each inside its turn, to exactly max_prompt_length tokens."""
+    """Prompts whose last turn is exactly max_prompt_length tokens (an earlier turn is too long to keep): ppo.py cuts
+    each to that turn, so every query is max_prompt_length tokens, as the plan assumes."""
     import random
 
     rng = random.Random(0)
-    words = [w for w in ("the cat sat on a mat and then it went to see the old dog near river bank " * 3).split()]
+    words = "the cat sat on a mat and then it went to see the old dog near the river bank".split()
+    budget = case.length - len(common.special_prefix(tokenizer))
     path = folder / "prompts.jsonl"
     with path.open("w") as out:
         for _ in range(200):
-            text = " ".join(rng.choice(words) for _ in range(4 * case.length))
-            row = {"prompt": f"\n\nHuman: {text}\n\nAssistant:", "chosen": " yes", "rejected": " no"}
+            turn, text = "", ""
+            while len(tokenizer(f"\n\nHuman: {text}\n\nAssistant:", add_special_tokens=False)["input_ids"]) <= budget:
+                turn = f"\n\nHuman: {text}\n\nAssistant:"
+                text = f"{text} {rng.choice(words)}".strip()
+            earlier = " ".join(rng.choice(words) for _ in range(2 * case.length))
+            row = {"prompt": f"\n\nHuman: {earlier}\n\nAssistant: I see.{turn}", "chosen": " yes", "rejected": " no"}
             out.write(json.dumps(row) + "\n")
     return str(path)
 
@@ -224,7 +231,8 @@ def measure_ppo(case: Case, arch: Path) -> dict:
         static = tensor_bytes(*built.values())
         history = []
         measured = static + profiled_peak(lambda: history.extend(ppo.main(data_args, args, model_args)))
-        plan = memory_plan.make_plan(memory_plan.setup_from_args("ppo", args, model_args, memory_plan.Launch()))
+        setup = memory_plan.setup_from_args("ppo", args, model_args, memory_plan.Launch())
+        plan = memory_plan.make_plan(replace(setup, device="cpu"))
     lengths = [round(m["response_length_avg"], 1) for m in history]
     return {"predicted": plan.allocated, "measured": measured, "phases": plan.phases, "response_lengths": lengths}
 

@@ -123,3 +123,15 @@ def test_estimate_for_an_unknown_hub_id_is_one_line_and_never_raises(caplog, scr
     with caplog.at_level(logging.INFO, logger="simple_rlhf"):
         assert memory_plan.log_estimate("sft", training_args, model_args) is None
     assert "not available offline" in caplog.text
+
+
+def test_recipe_smoke_overrides_only_sizes_and_counts():
+    """bench/recipe_smoke.py runs the recipes as written: its overrides are lengths, batch sizes and step counts."""
+    import recipe_smoke
+
+    allowed = {"--max_length", "--per_device_train_batch_size", "--gradient_accumulation_steps", "--max_steps",
+               "--per_device_eval_batch_size", "--max_eval_samples", "--max_prompt_length", "--response_length",
+               "--num_mini_batches", "--generation_batch_size", "--total_episodes"}
+    for step, args in recipe_smoke.SHRINK.items():
+        flags = set(args[::2])
+        assert flags <= allowed, (step, flags - allowed)
