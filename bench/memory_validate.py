@@ -1,6 +1,6 @@
 """memory_plan's arithmetic against what torch allocates, on the CPU.
 
-    python bench/memory_validate.py                  # every case, OPT-125m architecture (../shared), ~5 minutes
+    python bench/memory_validate.py                  # every case, OPT-125m architecture (../shared)
     python bench/memory_validate.py --cases 0 3      # some of them
     python bench/memory.py --validate                # the same
 
@@ -58,12 +58,13 @@ class Case:
 
 CASES = [
     Case("sft"),
-    Case("sft", use_peft=True, gradient_checkpointing=True, length=256),
+    Case("sft", use_peft=True, gradient_checkpointing=True),
     Case("sft", use_peft=True, dtype="bfloat16", lora_dropout=0.05, batch=2, length=64),
-    Case("reward"),
-    Case("reward", use_peft=True, dtype="bfloat16", gradient_checkpointing=True, batch=2, length=64),
+    Case("reward", batch=2),
+    Case("reward", use_peft=True, dtype="bfloat16", gradient_checkpointing=True, batch=1, length=64),
     Case("ppo", use_peft=True, gradient_checkpointing=True, batch=2, length=64, response=32, generation_batch=4),
     Case("ppo", use_peft=True, batch=2, length=64, response=32, generation_batch=2),
+    Case("ppo", batch=2, length=64, response=32, generation_batch=2),
 ]
 
 
