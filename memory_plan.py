@@ -23,7 +23,7 @@ import functools
 import json
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 logger = logging.getLogger("simple_rlhf")
@@ -78,7 +78,7 @@ def launch_from_file(path: str | None) -> Launch:
     return Launch(zero_stage=int(ds.get("zero_stage", 0)) if deepspeed else 0,
                   offload_optimizer=deepspeed and ds.get("offload_optimizer_device", "none") in ("cpu", "nvme"),
                   offload_param=deepspeed and ds.get("offload_param_device", "none") in ("cpu", "nvme"),
-                  processes=int(config.get("num_processes", 1)) * 1,
+                  processes=int(config.get("num_processes", 1)),
                   bf16=config.get("mixed_precision") == "bf16")
 
 
@@ -413,7 +413,7 @@ def _static_lines(role: str, m: Model, launch: Launch, weights: bool = True) -> 
     return lines
 
 
-def plan_trainer_step(setup: Setup) -> tuple[list[Line], dict]:
+def plan_trainer_step(setup: Setup) -> tuple[list, dict, list]:
     """sft.py / reward.py: one model, trained by TRL's trainer (reward: chosen and rejected in one batch)."""
     launch, reward = setup.launch, setup.step == "reward"
     m = _model(setup, setup.models["model"], reward, True, launch)
@@ -430,6 +430,15 @@ def plan_trainer_step(setup: Setup) -> tuple[list[Line], dict]:
         m.arch, eval_tokens, e, False, setup.device) - eval_tokens * m.arch.hidden * 4)
     phases = {"train": acts["saved"] + max(logits, acts["backward"]), "eval": peak_eval,
               "optimizer step": optimizer_step_bytes(m, launch)}
+    other = training_activations(m, batch, setup.max_length, e, not setup.gradient_checkpointing, dropout)
+    details = [("train", role, f"activations saved, checkpointed={setup.gradient_checkpointing}", acts["saved"]),
+               ("train", role, f"activations saved, checkpointed={not setup.gradient_checkpointing} (alternative)",
+                other["saved"]),
+               ("train", role, "backward in flight" + (" + one layer recomputed" if setup.gradient_checkpointing
+                                                        else ""), acts["backward"]),
+               ("train", role, "logits / log-probs" if logits else "score head (negligible)", logits),
+               ("eval", role, f"forward without gradients (batch {setup.eval_batch})", peak_eval),
+               ("optimizer step", role, "AdamW step temporaries", phases["optimizer step"])]
     peak = max(phases, key=phases.get)
     if peak == "optimizer step":
         lines.append(Line(role, "optimizer step temporaries", phases[peak]))
@@ -440,7 +449,7 @@ def plan_trainer_step(setup: Setup) -> tuple[list[Line], dict]:
         lines.append(Line(role, "logits / log-probs (fused LM head tiles)", logits))
     else:
         lines.append(Line(role, f"evaluation forward (batch {setup.eval_batch})", peak_eval))
-    return lines, phases
+    return lines, phases, details
 
 
 @functools.lru_cache(maxsize=16)
@@ -449,7 +458,7 @@ def _config_dropout(name: str) -> float:
     return float(getattr(config, "dropout", 0.0) or getattr(config, "hidden_dropout", 0.0) or 0.0)
 
 
-def plan_ppo(setup: Setup) -> tuple[list[Line], dict]:
+def plan_ppo(setup: Setup) -> tuple[list, dict, list]:
     """ppo.py: actor + reference (the actor with LoRA off), critic + reward model (the critic with LoRA off)."""
     launch = setup.launch
     actor = _model(setup, setup.models["sft"], False, True, launch)
@@ -485,6 +494,19 @@ def plan_ppo(setup: Setup) -> tuple[list[Line], dict]:
                      forward_transient_bytes(critic, g * length, e))
     phases = {"train": peak_train, "generate": peak_generate, "score": peak_score,
               "optimizer step": optimizer_step_bytes(actor, launch) + optimizer_step_bytes(critic, launch)}
+    checkpointed = setup.gradient_checkpointing
+    other = [training_activations(m, b, length, e, not checkpointed, 0.0)["saved"] for m in (actor, critic)]
+    details = [("train", "actor", f"activations saved, checkpointed={checkpointed}", actor_acts["saved"]),
+               ("train", "actor", f"activations saved, checkpointed={not checkpointed} (alternative)", other[0]),
+               ("train", "critic", f"activations saved, checkpointed={checkpointed}", critic_acts["saved"]),
+               ("train", "critic", f"activations saved, checkpointed={not checkpointed} (alternative)", other[1]),
+               ("train", "actor + critic", "backward in flight" + (" + one layer recomputed" if checkpointed else ""),
+                backward),
+               ("train", "actor", f"logits + float32 log-prob / entropy copies (micro-batch {b})", logits),
+               ("generate", "actor", f"KV cache ({g} x {length} tokens)", kv),
+               ("generate", "actor", "prefill forward and sampling", peak_generate - kv),
+               ("score", "actor / reference", f"logits + float32 log-prob copy, forward (batch {g})", peak_score),
+               ("optimizer step", "actor + critic", "AdamW step temporaries", phases["optimizer step"])]
     phase = max(phases, key=phases.get)
     if phase == "optimizer step":
         lines.append(Line("actor + critic", "optimizer step temporaries", phases[phase]))
@@ -499,7 +521,7 @@ def plan_ppo(setup: Setup) -> tuple[list[Line], dict]:
         lines.append(Line("actor", "generation prefill", peak_generate - kv))
     else:
         lines.append(Line("actor", f"scoring logits and forward (batch {g})", peak_score))
-    return lines, phases
+    return lines, phases, details
 
 
 @dataclass
@@ -507,6 +529,7 @@ class Plan:
     setup: Setup
     lines: list
     phases: dict  # phase -> bytes of its transient peak
+    details: list  # (phase, role, what, bytes): the transients of every phase, and the checkpointing alternative
     allocated: float  # peak of live tensors on the GPU
     margin: float
     total: float
@@ -529,11 +552,11 @@ class Plan:
 
 
 def make_plan(setup: Setup) -> Plan:
-    lines, phases = plan_ppo(setup) if setup.step == "ppo" else plan_trainer_step(setup)
+    lines, phases, details = plan_ppo(setup) if setup.step == "ppo" else plan_trainer_step(setup)
     lines = [line for line in lines if line.gpu or line.cpu or line.note]
     allocated = sum(line.gpu for line in lines)
     margin = margin_bytes(allocated)
-    return Plan(setup, lines, phases, allocated, margin, allocated + margin)
+    return Plan(setup, lines, phases, details, allocated, margin, allocated + margin)
 
 
 KNOBS = ("generation_batch", "micro_batch", "gradient_checkpointing", "offload", "load_in_4bit")

@@ -110,8 +110,11 @@ def print_plan(plan, gpu_bytes: float) -> None:
                  f"{memory_plan.FRAGMENTATION:.0%}", f"{plan.margin / GIB:.2f}", "", ""])
     rows.append(["peak", "predicted", f"{plan.total / GIB:.2f}", "", ""])
     common.print_table(rows)
-    phases = ", ".join(f"{name} {b / GIB:.2f}" for name, b in plan.phases.items())
-    print(f"transient peak of each phase (GiB): {phases}")
+    peak = max(plan.phases, key=plan.phases.get)
+    print(f"\ntransient memory of each phase (one phase at a time; {peak} is the peak, in the total above):")
+    rows = [["phase", "role", "what", "GiB"]]
+    rows += [[phase, role, what, f"{b / GIB:.2f}"] for phase, role, what, b in plan.details]
+    common.print_table(rows)
 
 
 def main(argv=None):
