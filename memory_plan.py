@@ -443,7 +443,8 @@ def plan_trainer_step(setup: Setup) -> tuple[list, dict, list]:
     if peak == "optimizer step":
         lines.append(Line(role, "optimizer step temporaries", phases[peak]))
     elif peak == "train":
-        lines.append(Line(role, f"activations (micro-batch {batch} x {setup.max_length}, "
+        shape = f"{setup.micro_batch} pairs = {batch}" if reward else f"{batch}"
+        lines.append(Line(role, f"activations (micro-batch {shape} x {setup.max_length}, "
                           f"{'checkpointed' if setup.gradient_checkpointing else 'all saved'})",
                           acts["saved"] + max(0, acts["backward"] - logits)))
         lines.append(Line(role, "logits / log-probs (fused LM head tiles)", logits))
