@@ -920,6 +920,9 @@ def prepare_trainer_step(step: str, data_args: DataArguments, training_args, mod
     path = resolve_model_path(model_args.model_name_or_path)
     if step == "sft":
         require_causal_lm(path, "--model_name_or_path")
+    import memory_plan  # one line: the predicted peak GPU memory, a warning when it exceeds the visible GPU
+
+    memory_plan.log_estimate(step, training_args, model_args)
     tokenizer = load_tokenizer(path)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     with training_args.main_process_first(desc="tokenizing"):
