@@ -95,6 +95,7 @@ def main(args: ChatArguments) -> None:
     if not args.greedy and args.temperature <= 0:
         raise common.UserError(f"--temperature {args.temperature}: must be above 0 (or use --greedy true)")
     common.setup_logging()
+    common.require_causal_lm(common.resolve_model_path(args.model_path, "--model_path"), "--model_path")
     tokenizer = common.load_tokenizer(common.resolve_model_path(args.model_path, "--model_path"), padding_side="left")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.format == "chat_template" and not has_template:
@@ -132,6 +133,4 @@ def main(args: ChatArguments) -> None:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(HfArgumentParser(ChatArguments).parse_args_into_dataclasses()[0])
+    main(common.parse_args((ChatArguments,))[0])

@@ -243,7 +243,9 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
     for flag, path in [("--sft_model_path", args.sft_model_path), ("--reward_model_path", args.reward_model_path),
                        *[(f"--policies {n}", p) for n, p in policies.items()]]:
         if path:
-            common.resolve_model_path(path, flag)  # a missing folder fails here, before any model is loaded
+            resolved = common.resolve_model_path(path, flag)  # a missing folder fails here, before any model is loaded
+            if flag != "--reward_model_path":
+                common.require_causal_lm(resolved, flag)  # a reward model given as a policy would run silently
     if args.reward_model_path:
         rollout.check_reward_model(common.resolve_model_path(args.reward_model_path, "--reward_model_path"),
                                "--reward_model_path")
@@ -271,6 +273,4 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(*HfArgumentParser((EvalArguments, common.DataArguments)).parse_args_into_dataclasses())
+    main(*common.parse_args((EvalArguments, common.DataArguments)))
