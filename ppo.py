@@ -80,8 +80,9 @@ class PPOArguments:
     normalize_scores: bool = field(default=False, metadata={"help": "Normalise scores with a running mean and std."})
     generation_batch_size: int | None = field(default=None, metadata={"help": "Prompts per generate() call and per "
                                               "scoring forward pass (default: the whole rollout batch)."})
-    generation_backend: str = field(default="dynamic", metadata={"help": "KV cache of generate(): dynamic, static "
-                                    "(preallocated), or compile (static + torch.compile of the decoding step)."})
+    generation_backend: str = field(default="static", metadata={"help": "KV cache of generate(): static "
+                                    "(preallocated: no copy of the growing cache per token) or dynamic "
+                                    "(transformers' default, for models without a static cache)."})
     gather_for_generation: bool = field(default=True, metadata={"help": "Under ZeRO-3, gather the actor's parameters "
                                         "for generation (fast); false for models that don't fit gathered (TRL's "
                                         "ds3_gather_for_generation)."})
@@ -748,9 +749,9 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
     generation_config = rollout.sampling_config(args.response_length, args.temperature, args.top_k, args.top_p,
                                                 stop_token_id, tokenizer.pad_token_id,
                                                 backend=args.generation_backend)
-    # generate()'s logits are those of a fresh forward pass (to ~1e-6) only in float32: there the rollout's
-    # log-probs are recorded while sampling, one forward pass fewer; in bf16 they are recomputed.
-    exact = not args.bf16 and all(p.dtype == torch.float32 for p in unwrapped.actor.parameters())
+    # generate()'s logits are those of a fresh forward pass (to ~1e-6) only in float32 without autocast: there the
+    # rollout's log-probs are recorded while sampling, one forward pass fewer; otherwise (bf16, 4-bit) recomputed.
+    exact = accelerator.mixed_precision == "no" and all(p.dtype == torch.float32 for p in unwrapped.actor.parameters())
 
     # Token ids as plain lists, read once: the loop picks rows from them every iteration. Each batch is a pure
     # function of its position, so a resumed run sees the same data.

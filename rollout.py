@@ -113,7 +113,7 @@ class Rollout:
 # ----------------------------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------------------------
-GENERATION_BACKENDS = ("dynamic", "static", "compile")
+GENERATION_BACKENDS = ("dynamic", "static")
 
 
 def sampling_config(max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_token_id: int,
@@ -124,10 +124,10 @@ def sampling_config(max_new_tokens: int, temperature: float, top_k: int, top_p: 
     generate() fills every option left None from the model's generation_config (hub checkpoints ship top_k,
     repetition_penalty, ...), then from global defaults (top_k 50): set every one that reshapes the sampling
     distribution, so top_k 0 means all tokens and the training log-probs match what was sampled.
-    backend: the KV cache: "dynamic" (grows per token), "static" (preallocated, no compilation), or "compile"
-    (static + torch.compile of the decoding step, on any device; the first call compiles).
+    backend: the KV cache: "dynamic" (transformers' default: grows by a copy per token) or "static" (preallocated
+    for prompt + max_new_tokens; no compilation: transformers would compile the decoding step on GPUs by itself).
     """
-    from transformers import CompileConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     if backend not in GENERATION_BACKENDS:
         raise common.UserError(f"--generation_backend {backend}: use one of {', '.join(GENERATION_BACKENDS)}")
@@ -136,13 +136,8 @@ def sampling_config(max_new_tokens: int, temperature: float, top_k: int, top_p: 
                               top_p=None if greedy else top_p, eos_token_id=stop_token_id, pad_token_id=pad_token_id,
                               use_cache=True, min_length=0, repetition_penalty=repetition_penalty,
                               no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
-    if backend != "dynamic":
-        config.cache_implementation = "static"
-        # transformers compiles the decoding step with a static cache on GPUs by itself: "static" says no.
-        config.disable_compile = backend == "static"
-        if backend == "compile":
-            config.compile_config = CompileConfig()
-            config.compile_config._compile_all_devices = True  # CPUs too
+    if backend == "static":
+        config.cache_implementation, config.disable_compile = "static", True
     return config
 
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 import ppo  # noqa: E402
+from trl import ModelConfig  # noqa: E402
 
 
 @dataclass
@@ -57,7 +58,7 @@ def build_random(config_file: str, kind: str, target: Path, dtype: str) -> str:
 
 def main():
     bench_args, data_args, args, model_args = common.parse_args(
-        (BenchArguments, common.DataArguments, ppo.PPOArguments, ppo.ModelConfig))
+        (BenchArguments, common.DataArguments, ppo.PPOArguments, ModelConfig))
     common.setup_logging()
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
         dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
