@@ -133,7 +133,7 @@ def validate_args(dataclass_types, argv=None, check_paths: bool = True) -> tuple
         *parsed, _, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True,
                                                            separate_remaining_strings=True)
     except (ValueError, TypeError) as error:  # a dataclass's __post_init__ (transformers' own checks)
-        raise UserError(str(error).strip().splitlines()[0][:400] if str(error).strip() else describe(error))
+        raise UserError(" ".join(str(error).split())[:500] or describe(error))
     if unknown:
         flag = next((arg for arg in unknown if arg.startswith("-")), unknown[0])
         name = flag.lstrip("-").split("=")[0]
@@ -273,8 +273,8 @@ RANGES = {
     "center_rewards_coefficient": NON_NEGATIVE, "router_aux_loss_coef": NON_NEGATIVE,
     # LoRA (alpha 0 scales the adapter to nothing)
     "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, high_open=True),
-    # sampling
-    "temperature": POSITIVE, "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_open=True), "repetition_penalty": POSITIVE,
+    # sampling (chat.py: any temperature with --greedy true; chat.main asks for > 0 when it samples)
+    "temperature": POSITIVE, "ChatArguments.temperature": NON_NEGATIVE, "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_open=True), "repetition_penalty": POSITIVE,
     # PPO
     "kl_coef": NON_NEGATIVE, "target_kl": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
     "vf_coef": POSITIVE, "entropy_coef": NON_NEGATIVE, "gamma": Range(0, 1), "lam": Range(0, 1),
@@ -567,7 +567,7 @@ def first_bad_json_line(path) -> tuple[int, str] | None:
         try:
             value = json.loads(line)
         except ValueError as error:
-            return number, f"not valid JSON ({error.msg} at column {error.colno})"
+            return number, f"not valid JSON ({error.msg}: column {error.colno})"
         if not isinstance(value, dict):
             return number, f"not a JSON object (a {type(value).__name__})"
     return None
