@@ -2,11 +2,13 @@
 
 Read top to bottom:
 1. errors: `UserError` and `exit_on_user_error`, so a user's mistake is one line and exit code 2;
-2. arguments: the dataclass every step adds to TRL's, and `parse_args`;
+2. arguments: the dataclass every step adds to TRL's, and `parse_args` with its validation layer (`validate_args`:
+   config file, unknown flags, one-line argparse errors, the RANGES table, output_dir and input locations);
 3. the built-in offline demo: a synthetic preference dataset and a tiny OPT model with its own tokenizer;
 4. data: load (hub id, file, folder), validate, split between steps, tokenize with left truncation;
 5. models and tokenizers: resolve names and paths, load (with an SFT adapter merged in, 4-bit), check flags;
-6. outputs: complete-checkpoint markers, resume resolution, atomic final saves.
+6. outputs: complete-checkpoint markers, resume resolution, safe re-runs (`check_output_dir`,
+   `set_previous_run_aside`, `drop_previous_run`, `swap_in`), atomic final saves.
 """
 
 from __future__ import annotations
