@@ -155,3 +155,25 @@ def test_an_interrupted_swap_without_a_ready_replacement_is_undone(tmp_path):
     old = snapshot(finished_run(tmp_path / "sft.old"))
     common.finish_interrupted_swap(target, ready=lambda folder: (folder / "step_complete.json").exists())
     assert snapshot(target) == old and not (tmp_path / "sft.old").exists()
+
+
+# ---- train.py: fp32 steps on a CPU without native bf16 -----------------------------------------------------------------
+@pytest.mark.parametrize("cuda, fast_bf16, step_args, config, fp32", [
+    (False, False, [], "accelerate_config.yaml", True),  # this AVX2 machine: bf16 would be emulated, ~10x slower
+    (False, False, ["--bf16", "true"], "accelerate_config.yaml", False),  # asked for
+    (False, True, [], "accelerate_config.yaml", False),  # native bf16
+    (True, False, [], "accelerate_config.yaml", False),  # a GPU
+    (False, False, [], "none", False),  # plain python: the recipe decides
+])
+def test_steps_launch_in_fp32_on_a_cpu_without_native_bf16(monkeypatch, tmp_path, cuda, fast_bf16, step_args,
+                                                            config, fp32):
+    import torch
+
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: fast_bf16)
+    args = train.TrainArguments(preset="demo", accelerate_config=config)
+    command = train.step_command(args, "sft", tmp_path, {"sft": step_args, "reward": [], "ppo": []}, resume=False)
+    launch = command[:command.index(str(train.ROOT / "sft.py"))]
+    assert (launch[-2:] == ["--mixed_precision", "no"]) is fp32, launch
