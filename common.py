@@ -2,11 +2,13 @@
 
 Read top to bottom:
 1. errors: `UserError` and `exit_on_user_error`, so a user's mistake is one line and exit code 2;
-2. arguments: the dataclass every step adds to TRL's, and `parse_args`;
+2. arguments: the dataclass every step adds to TRL's, and `parse_args` with its validation layer (`validate_args`:
+   config file, unknown flags, one-line argparse errors, the RANGES table, output_dir and input locations);
 3. the built-in offline demo: a synthetic preference dataset and a tiny OPT model with its own tokenizer;
 4. data: load (hub id, file, folder), validate, split between steps, tokenize with left truncation;
 5. models and tokenizers: resolve names and paths, load (with an SFT adapter merged in, 4-bit), check flags;
-6. outputs: complete-checkpoint markers, resume resolution, atomic final saves.
+6. outputs: complete-checkpoint markers, resume resolution, safe re-runs (`check_output_dir`,
+   `set_previous_run_aside`, `drop_previous_run`, `swap_in`), atomic final saves.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def validate_args(dataclass_types, argv=None, check_paths: bool = True) -> tuple
         *parsed, _, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True,
                                                            separate_remaining_strings=True)
     except (ValueError, TypeError) as error:  # a dataclass's __post_init__ (transformers' own checks)
-        raise UserError(str(error).strip().splitlines()[0][:400] if str(error).strip() else describe(error))
+        raise UserError(" ".join(str(error).split())[:500] or describe(error))
     if unknown:
         flag = next((arg for arg in unknown if arg.startswith("-")), unknown[0])
         name = flag.lstrip("-").split("=")[0]
@@ -275,8 +277,8 @@ RANGES = {
     "center_rewards_coefficient": NON_NEGATIVE, "router_aux_loss_coef": NON_NEGATIVE,
     # LoRA (alpha 0 scales the adapter to nothing)
     "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, high_open=True),
-    # sampling
-    "temperature": POSITIVE, "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_open=True), "repetition_penalty": POSITIVE,
+    # sampling (chat.py: any temperature with --greedy true; chat.main asks for > 0 when it samples)
+    "temperature": POSITIVE, "ChatArguments.temperature": NON_NEGATIVE, "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_open=True), "repetition_penalty": POSITIVE,
     # PPO
     "kl_coef": NON_NEGATIVE, "target_kl": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
     "vf_coef": POSITIVE, "entropy_coef": NON_NEGATIVE, "gamma": Range(0, 1), "lam": Range(0, 1),
@@ -602,7 +604,7 @@ def first_bad_json_line(path) -> tuple[int, str] | None:
         try:
             value = json.loads(line)
         except ValueError as error:
-            return number, f"not valid JSON ({error.msg} at column {error.colno})"
+            return number, f"not valid JSON ({error.msg}: column {error.colno})"
         if not isinstance(value, dict):
             return number, f"not a JSON object (a {type(value).__name__})"
     return None

@@ -132,6 +132,8 @@ def step_command(args: TrainArguments, name: str, root: Path, extra: dict[str, l
     else:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     str(Path(args.accelerate_config).resolve())]
+        if fp32_on_this_cpu(args, extra[name]):
+            launcher += ["--mixed_precision", "no"]
     command = launcher + [str(ROOT / SCRIPTS[name]), "--config", str(ROOT / "recipes" / args.preset / f"{name}.yaml"),
                           "--output_dir", str(output_dir or root / name)]
     for step, flag in step_inputs(args, name, extra):
@@ -145,6 +147,17 @@ def step_command(args: TrainArguments, name: str, root: Path, extra: dict[str, l
     if overwrite:
         command += ["--overwrite_output_dir", "true"]
     return command + extra[name]
+
+
+def fp32_on_this_cpu(args: TrainArguments, step_args: list[str]) -> bool:
+    """Whether to launch a step with accelerate's `--mixed_precision no`: without a GPU, on a CPU without native bf16
+    (AVX2), the configs' bf16 is emulated and a step ~10x slower. Not with `--accelerate_config none` (the recipe
+    decides) or when the step's arguments set --bf16."""
+    import torch
+
+    if args.accelerate_config == "none" or any(arg.startswith("--bf16") for arg in step_args):
+        return False
+    return not torch.cuda.is_available() and not common.cpu_has_fast_bf16()
 
 
 def step_arguments(name: str) -> tuple:
@@ -273,6 +286,10 @@ def main(args: TrainArguments) -> list[dict]:
     common.check_output_writable(root, "--output_dir")
     check_inputs(args, root, extra)
     validate_steps(args, root, extra)
+    fp32 = [STEP_NAMES[n] for n in sorted(set(args.steps)) if fp32_on_this_cpu(args, extra[STEP_NAMES[n]])]
+    if fp32:
+        print(f"no GPU, and this CPU has no native bf16: {', '.join(fp32)} run in fp32 (accelerate --mixed_precision "
+              "no); add --bf16 true to a step's arguments to keep bf16", flush=True)
     summary, rerun_from = [], None
     for number in sorted(set(args.steps)):
         name = STEP_NAMES[number]

@@ -299,9 +299,8 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(env, demo_models,
     sft, reward = demo_models
     out = tmp_path / "out"
     argv = [str(a) for a in ppo_run(demo_models, out)[2:] + make_flags(sft, reward, tmp_path)]
-    parsed = common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv)
-    with pytest.raises(SystemExit) as exit_info:
-        ppo.main(*parsed)
+    with pytest.raises(SystemExit) as exit_info:  # the validation layer (parse_args) or ppo.main itself
+        ppo.main(*common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv))
     assert exit_info.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], error_lines

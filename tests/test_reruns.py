@@ -91,6 +91,7 @@ def test_a_folder_without_a_run_is_not_moved(tmp_path):
 
 
 # ---- sft.py end to end ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sft_refuses_an_old_runs_folder_then_overwrites_it_on_request(script_env, tmp_path):
     out = finished_run(tmp_path / "sft", checkpoints=(40,))
     old = snapshot(out)
@@ -120,7 +121,8 @@ def train(root, *extra):
 
 @pytest.mark.parametrize("sft_args, expected", [
     ("--lora_rr 4", "error: step 1 (sft): unknown option --lora_rr; did you mean --lora_r?"),  # refused before anything runs
-    ("--max_length 2", "step 1 (sft) failed with exit code 2"),  # fails inside the step, in its own folder
+    pytest.param("--max_length 2", "step 1 (sft) failed with exit code 2",  # fails inside the step, in sft.new
+                 marks=pytest.mark.slow),
 ])
 def test_force_with_a_mistake_leaves_the_finished_steps_intact(script_env, tmp_path, sft_args, expected):
     before, summary = finished_pipeline(tmp_path)
@@ -131,6 +133,7 @@ def test_force_with_a_mistake_leaves_the_finished_steps_intact(script_env, tmp_p
     assert not (tmp_path / "sft.new").exists(), "a failed attempt without a checkpoint leaves nothing behind"
 
 
+@pytest.mark.slow
 def test_force_swaps_the_new_step_in_once_it_finished(script_env, tmp_path):
     finished_pipeline(tmp_path)
     result = run(train(tmp_path, "--steps", "1", "--force", "--sft_args", " ".join(QUICK_SFT[2:])), script_env)
@@ -155,3 +158,25 @@ def test_an_interrupted_swap_without_a_ready_replacement_is_undone(tmp_path):
     old = snapshot(finished_run(tmp_path / "sft.old"))
     common.finish_interrupted_swap(target, ready=lambda folder: (folder / "step_complete.json").exists())
     assert snapshot(target) == old and not (tmp_path / "sft.old").exists()
+
+
+# ---- train.py: fp32 steps on a CPU without native bf16 -----------------------------------------------------------------
+@pytest.mark.parametrize("cuda, fast_bf16, step_args, config, fp32", [
+    (False, False, [], "accelerate_config.yaml", True),  # this AVX2 machine: bf16 would be emulated, ~10x slower
+    (False, False, ["--bf16", "true"], "accelerate_config.yaml", False),  # asked for
+    (False, True, [], "accelerate_config.yaml", False),  # native bf16
+    (True, False, [], "accelerate_config.yaml", False),  # a GPU
+    (False, False, [], "none", False),  # plain python: the recipe decides
+])
+def test_steps_launch_in_fp32_on_a_cpu_without_native_bf16(monkeypatch, tmp_path, cuda, fast_bf16, step_args,
+                                                            config, fp32):
+    import torch
+
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: fast_bf16)
+    args = train.TrainArguments(preset="demo", accelerate_config=config)
+    command = train.step_command(args, "sft", tmp_path, {"sft": step_args, "reward": [], "ppo": []}, resume=False)
+    launch = command[:command.index(str(train.ROOT / "sft.py"))]
+    assert (launch[-2:] == ["--mixed_precision", "no"]) is fp32, launch

@@ -209,7 +209,8 @@ def test_plausible_hub_id_is_left_to_the_hub():
 # ---- the end-to-end guarantee -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script, argv, expected", [
     ("sft.py", [*SFT_CONFIG, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be at least"),
-    ("ppo.py", ["--config", "recipes/demo/ppo.yaml", "--score_clip", "0"], "--score_clip 0.0: must be > 0"),
+    pytest.param("ppo.py", ["--config", "recipes/demo/ppo.yaml", "--score_clip", "0"], "--score_clip 0.0: must be > 0",
+                 marks=pytest.mark.slow),  # in-process above; here the whole script, as users run it
     ("evaluate.py", ["--policies", "a=b", "--max_prompts", "0"], "--max_prompts 0: must be at least 1"),
     ("chat.py", ["--model_path", "x", "--top_p", "2"], "--top_p 2.0: must be in (0, 1]"),
     ("train.py", ["--steps", "1", "--sft_argz", "--lora_r 4"], "unknown option --sft_argz; did you mean --sft_args?"),
