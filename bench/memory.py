@@ -127,7 +127,9 @@ def main(argv=None):
     if step not in common.STEPS:
         raise SystemExit(f"error: cannot tell the step from {step!r}; give --config recipes/X/(sft|reward|ppo).yaml "
                          "or --step sft|reward|ppo")
-    parsed = common.parse_args((MemoryArguments, *step_arguments(step)), argv)
+    # The recipe's model folders need not exist yet: the plan is made before step 1 has run.
+    parsed = common.exit_on_user_error(common.validate_args)((MemoryArguments, *step_arguments(step)), argv,
+                                                             check_paths=False)
     options, args, model_args = parsed[0], parsed[-2], parsed[-1]
     try:
         launch = memory_plan.launch_from_file(options.accelerate_config)

@@ -104,15 +104,17 @@ def test_cli_prints_the_recipe_table_and_knobs_when_it_does_not_fit(capsys, scri
     assert exit_info.value.code == 1 and "does NOT fit 4 GiB" in out and "fits with" in out
 
 
-def test_trainer_steps_log_one_estimate_line(script_env, caplog):
+def test_trainer_steps_log_one_estimate_line(script_env, capfd, tmp_path):
     import sft
 
     data_args, training_args, model_args = common.parse_args(sft.ARGUMENTS, [
-        "--config", "recipes/demo/sft.yaml", "--max_train_samples", "16", "--max_eval_samples", "8"])
-    with caplog.at_level(logging.INFO, logger="simple_rlhf"):
-        common.prepare_trainer_step("sft", data_args, training_args, model_args)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory estimate")]
-    assert len(lines) == 1 and "GiB peak per GPU" in lines[0] and "\n" not in lines[0]
+        "--config", "recipes/demo/sft.yaml", "--max_train_samples", "16", "--max_eval_samples", "8",
+        "--output_dir", str(tmp_path / "sft")])
+    capfd.readouterr()
+    # setup_logging (inside) re-configures the root logger, so read the log from stderr rather than caplog.
+    common.prepare_trainer_step("sft", data_args, training_args, model_args)
+    lines = [line for line in capfd.readouterr().err.splitlines() if "memory estimate" in line]
+    assert len(lines) == 1 and "GiB peak per GPU" in lines[0]
 
 
 def test_estimate_for_an_unknown_hub_id_is_one_line_and_never_raises(caplog, script_env):
