@@ -95,9 +95,9 @@ def same_tokenizer(args) -> bool:
     paths = [args.sft_model_path, args.reward_model_path]
     if not all(path and Path(path).is_dir() for path in paths):
         return True
-    import ppo
+    import rollout
 
-    return ppo.same_tokenizer(*(common.load_tokenizer(path) for path in paths))
+    return rollout.same_tokenizer(*(common.load_tokenizer(path) for path in paths))
 
 
 def print_plan(plan, gpu_bytes: float) -> None:
