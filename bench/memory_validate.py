@@ -43,6 +43,7 @@ class Case:
     length: int = 128  # sft / reward: the sequence; ppo: the prompt
     response: int = 32  # ppo
     generation_batch: int = 4  # ppo
+    accumulation: int = 2  # micro-batches per optimizer step (2: gradients live across micro-batches, as in recipes)
 
     def name(self) -> str:
         parts = [self.step, "LoRA" if self.use_peft else "full", self.dtype.replace("bfloat16", "bf16")
@@ -59,9 +60,11 @@ class Case:
 CASES = [
     Case("sft"),
     Case("sft", use_peft=True, gradient_checkpointing=True),
-    Case("sft", use_peft=True, dtype="bfloat16", lora_dropout=0.05, batch=2, length=64),
+    # bf16 backward passes run at a fraction of a GFLOP/s on CPUs without native bf16: small and short
+    Case("sft", use_peft=True, dtype="bfloat16", lora_dropout=0.05, batch=2, length=32, accumulation=1),
     Case("reward", batch=2),
-    Case("reward", use_peft=True, dtype="bfloat16", gradient_checkpointing=True, batch=1, length=64),
+    Case("reward", use_peft=True, dtype="bfloat16", gradient_checkpointing=True, batch=1, length=32,
+         accumulation=1),
     Case("ppo", use_peft=True, gradient_checkpointing=True, batch=2, length=64, response=32, generation_batch=4),
     Case("ppo", use_peft=True, batch=2, length=64, response=32, generation_batch=2),
     Case("ppo", batch=2, length=64, response=32, generation_batch=2),
@@ -132,7 +135,8 @@ def trainer_arguments(case: Case, arch: Path, output_dir: str):
     from trl import ModelConfig, RewardConfig, SFTConfig
 
     config_class = SFTConfig if case.step == "sft" else RewardConfig
-    args = config_class(output_dir=output_dir, per_device_train_batch_size=case.batch, gradient_accumulation_steps=2,
+    args = config_class(output_dir=output_dir, per_device_train_batch_size=case.batch,
+                        gradient_accumulation_steps=case.accumulation,
                         max_steps=2, bf16=case.dtype == "bfloat16", use_cpu=True,
                         gradient_checkpointing=case.gradient_checkpointing, save_strategy="no", eval_strategy="no",
                         report_to="none", logging_steps=1, max_length=case.length, per_device_eval_batch_size=1,
@@ -222,7 +226,7 @@ def measure_ppo(case: Case, arch: Path) -> dict:
             "--sft_model_path", str(arch), "--reward_model_path", str(reward_dir), "--dataset_name", data,
             "--output_dir", str(Path(tmp) / "ppo"), "--max_prompt_length", str(case.length),
             "--response_length", str(case.response), "--per_device_train_batch_size", str(case.batch),
-            "--gradient_accumulation_steps", "2", "--num_mini_batches", "1",
+            "--gradient_accumulation_steps", str(case.accumulation), "--num_mini_batches", "1",
             "--generation_batch_size", str(case.generation_batch), "--num_ppo_epochs", "1", "--max_steps", "2",
             "--gradient_checkpointing", str(case.gradient_checkpointing), "--bf16", str(case.dtype == "bfloat16"),
             "--dtype", case.dtype, "--use_peft", str(case.use_peft), "--lora_r", "16", "--lora_alpha", "32",
