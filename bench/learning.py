@@ -10,7 +10,8 @@ then evaluate.py on held-out data with the base, SFT and PPO policies. The table
 tasks); per policy the ground-truth shares of answers that are correct, polite and both (synthetic tasks; checked by
 code, common.check_synthetic_answer) or the reward model's win rate over SFT (hh), the KL to the SFT policy, the
 mean length and the EOS rate; the wall time of each step. Finished steps are reused (train.py's own skip); --force
-trains again. --sft_args / --reward_args / --ppo_args / --eval_args are passed through (e.g. to compare advantage
+trains again; so `--seeds 1`, then `--seeds 2`, ... add one seed per call (each call short, the last prints all).
+--sft_args / --reward_args / --ppo_args / --eval_args are passed through (e.g. to compare advantage
 estimators: --ppo_args "--advantage_estimator rloo").
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -107,7 +109,14 @@ def run(command: list[str], log: Path) -> float:
     print(f"$ {shlex.join(command)}  (log: {log})", flush=True)
     started = time.time()
     with log.open("a") as out:
-        code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # `kill PID` (or a timeout) of the bench reaches the step too: train.py lets it checkpoint and stop, and
+        # the next call resumes it.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+        try:
+            code = process.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     if code != 0:
         tail = log.read_text(errors="replace").splitlines()[-20:]
         print("\n".join(tail), file=sys.stderr)
@@ -158,8 +167,11 @@ def main(args: LearningArguments) -> list[dict]:
     for seed in range(1, args.seeds + 1):
         folder = root / f"seed-{seed}"
         run(train_command(args, seed, folder), folder / "logs" / "bench_train.log")
-        eval_seconds = run(eval_command(args, folder), folder / "logs" / "bench_eval.log")
-        per_seed.append(seed_numbers(folder, eval_seconds))
+        timing = folder / "eval" / "bench_eval_time.json"
+        if args.force or not timing.exists() or \
+                timing.stat().st_mtime < (folder / "ppo" / "step_complete.json").stat().st_mtime:
+            common.write_json(timing, {"eval_s": run(eval_command(args, folder), folder / "logs" / "bench_eval.log")})
+        per_seed.append(seed_numbers(folder, json.loads(timing.read_text())["eval_s"]))
     print(f"\n{args.task}: {args.seeds} seed(s); policies sampled at temperature 1 on {args.max_prompts} held-out "
           "prompts; KL to the SFT policy")
     common.print_table(summarise(per_seed))
