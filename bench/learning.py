@@ -41,7 +41,9 @@ TASKS = {
                  response_length=10),
     "smollm2-synthetic": dict(preset="smollm2", dataset=common.BUILTIN_DATASET, reward_model="sft", base=None,
                               response_length=16),
-    "smollm2-hh": dict(preset="smollm2", dataset=HH_DATA, reward_model="recipe", base=None, response_length=48),
+    "smollm2-hh": dict(preset="smollm2", dataset=HH_DATA, reward_model="recipe", base=None, response_length=48,
+                       sft_args="--max_length 256", reward_args="--max_length 256",
+                       ppo_args="--max_prompt_length 192 --response_length 48"),
 }
 POLICIES = ("base", "sft", "ppo")
 
@@ -86,9 +88,10 @@ def train_command(args: LearningArguments, seed: int, folder: Path) -> list[str]
     model = "" if args.task == "demo" else f" --model_name_or_path {shlex.quote(args.model_path)}"
     command = [sys.executable, str(ROOT / "train.py"), "--preset", task["preset"], "--output_dir", str(folder),
                "--accelerate_config", "none", "--reward_model", task["reward_model"],
-               "--sft_args", f"{common_args}{model} {args.sft_args}",
-               "--reward_args", f"{common_args}{model if task['reward_model'] == 'recipe' else ''} {args.reward_args}",
-               "--ppo_args", f"{common_args} {args.ppo_args}"]
+               "--sft_args", f"{common_args}{model} {task.get('sft_args', '')} {args.sft_args}",
+               "--reward_args", f"{common_args}{model if task['reward_model'] == 'recipe' else ''} "
+                                f"{task.get('reward_args', '')} {args.reward_args}",
+               "--ppo_args", f"{common_args} {task.get('ppo_args', '')} {args.ppo_args}"]
     return command + (["--force"] if args.force else [])
 
 
