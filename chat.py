@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 import common
+import rollout
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 FORMATS = ("auto", "human_assistant", "chat_template")
@@ -58,24 +59,17 @@ def build_prompt(tokenizer, history: list[tuple[str, str]], message: str, use_te
 
 def generate(model, tokenizer, prompt, args: ChatArguments) -> str:
     """One answer. A text prompt is cut from the left at a turn boundary (common.truncate_prompt), as in training."""
-    from transformers import GenerationConfig
-
     if isinstance(prompt, str):
         ids, _ = common.truncate_prompt(tokenizer, prompt, args.max_prompt_length - len(common.special_prefix(tokenizer)))
         ids = common.special_prefix(tokenizer) + ids
     else:
         ids = prompt[-args.max_prompt_length:]
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                              temperature=args.temperature if not args.greedy else None,
-                              top_p=args.top_p if not args.greedy else None,
-                              top_k=(args.top_k or None) if not args.greedy else None,
-                              repetition_penalty=args.repetition_penalty,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    input_ids = torch.tensor([ids], device=model.device)
-    with torch.no_grad():
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                generation_config=config)
-    answer = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+    config = rollout.sampling_config(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=args.greedy,
+                                     repetition_penalty=args.repetition_penalty)
+    queries = torch.tensor([ids], device=model.device)
+    sample = rollout.generate_rollout(model, queries, torch.ones_like(queries), config, batch_size=1)
+    answer = tokenizer.decode(sample.responses[0][sample.response_mask[0].bool()], skip_special_tokens=True)
     # A model trained on dialogues may go on to write the human's next turn: keep its own turn only.
     return answer.split(HUMAN.strip())[0].split(ASSISTANT.strip())[0].strip()
 
@@ -101,6 +95,7 @@ def main(args: ChatArguments) -> None:
     if not args.greedy and args.temperature <= 0:
         raise common.UserError(f"--temperature {args.temperature}: must be above 0 (or use --greedy true)")
     common.setup_logging()
+    common.require_causal_lm(common.resolve_model_path(args.model_path, "--model_path"), "--model_path")
     tokenizer = common.load_tokenizer(common.resolve_model_path(args.model_path, "--model_path"), padding_side="left")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.format == "chat_template" and not has_template:
@@ -138,6 +133,4 @@ def main(args: ChatArguments) -> None:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(HfArgumentParser(ChatArguments).parse_args_into_dataclasses()[0])
+    main(common.parse_args((ChatArguments,))[0])

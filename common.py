@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -96,22 +97,297 @@ class DataArguments:
         default=False,
         metadata={"help": "With LoRA, also write the adapter merged into its base to OUTPUT_DIR/merged."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run already in output_dir (checkpoints, final model): it is moved to "
+                  "OUTPUT_DIR.previous-run and deleted only once this run has saved its final model. Without it, a "
+                  "fresh run into such a folder is refused (use --resume_from_checkpoint true to continue it)."},
+    )
 
 
 def parse_args(dataclass_types, argv=None):
-    """Parse dataclasses TRL's way (flags, or a YAML `--config` that flags override).
+    """Parse dataclasses TRL's way (flags, or a YAML `--config` that flags override) and validate every value; a
+    mistake is one `error:` line and exit code 2, before anything is written. See `validate_args`."""
+    return exit_on_user_error(validate_args)(dataclass_types, argv)
 
-    Without a GPU, transformers refuses bf16 unless the arguments say `use_cpu`; add it, so that the same recipe
-    runs on a laptop, in CI and on a GPU machine.
+
+def validate_args(dataclass_types, argv=None, check_paths: bool = True) -> tuple:
+    """Parse and check, raising UserError: the config file (exists, valid YAML, a mapping, known keys), the flags
+    (known, well-typed: argparse), the libraries' own checks (one line), every number against RANGES, and, with
+    `check_paths`, that output_dir can be written and that model and data locations exist (see check_locations).
+
+    Without a GPU, transformers refuses bf16 unless the arguments say `use_cpu`; it is added where a dataclass has
+    it, so that the same recipe runs on a laptop, in CI and on a GPU machine.
     """
-    import torch
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any("use_cpu" in getattr(cls, "__dataclass_fields__", {}) for cls in dataclass_types) and \
+            not any(arg.startswith("--use_cpu") for arg in argv):
+        import torch
+
+        if not torch.cuda.is_available():
+            argv += ["--use_cpu", "true"]
+    if default_bf16_off(dataclass_types, argv):
+        argv += ["--bf16", "false"]
+    parser = make_parser(dataclass_types)
+    known = {action.dest for action in parser._actions if action.dest != "help"}
+    if "--config" in argv:
+        check_config_file(argv, known)
+    try:
+        *parsed, _, unknown = parser.parse_args_and_config(args=argv, return_remaining_strings=True,
+                                                           separate_remaining_strings=True)
+    except (ValueError, TypeError) as error:  # a dataclass's __post_init__ (transformers' own checks)
+        raise UserError(str(error).strip().splitlines()[0][:400] if str(error).strip() else describe(error))
+    if unknown:
+        flag = next((arg for arg in unknown if arg.startswith("-")), unknown[0])
+        name = flag.lstrip("-").split("=")[0]
+        if not flag.startswith("-"):
+            raise UserError(f"unexpected argument {flag!r}; options are written --name value")
+        raise UserError(f"unknown option --{name}{closest(name, known, '; did you mean --{}?')}")
+    check_ranges(parsed)
+    for args in parsed:
+        if isinstance(args, DataArguments):
+            check_data_arguments(args)
+        if getattr(args, "output_dir", None):
+            check_output_writable(args.output_dir, "--output_dir")
+        if check_paths:
+            check_locations(args)
+    return tuple(parsed)
+
+
+def check_data_arguments(data_args: "DataArguments") -> None:
+    """The data options that are wrong whatever the data: a malformed --data_split, evaluating on training rows."""
+    parse_data_split(data_args.data_split)
+    if data_args.dataset_test_split == data_args.dataset_train_split:
+        raise UserError(f"--dataset_test_split {data_args.dataset_test_split} is the training split: evaluation would "
+                        "score rows the model trained on; name the test split, or a missing one to hold out "
+                        "--eval_fraction of the training rows")
+
+
+def closest(name: str, candidates, template: str) -> str:
+    """`template` filled with the candidate nearest to `name` (difflib), or '' when none is near."""
+    import difflib
+
+    # A name that extends or shortens a real one (lora_rank, learning_r) means that one; else the nearest by difflib.
+    prefixed = [c for c in candidates if len(c) > 2 and (name.startswith(c) or c.startswith(name))]
+    match = sorted(prefixed, key=lambda c: abs(len(c) - len(name)))[:1] or \
+        difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return template.format(match[0]) if match else ""
+
+
+def make_parser(dataclass_types):
+    """TrlParser whose argparse errors (bad type, bad choice, missing value) are one UserError line, not a usage
+    screen and exit."""
     from trl import TrlParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
-        argv += ["--use_cpu", "true"]
-    parser = TrlParser(dataclass_types)
-    return parser.parse_args_and_config(args=argv)
+    class OneLineParser(TrlParser):
+        def error(self, message):
+            raise UserError(message)
+
+    return OneLineParser(dataclass_types)
+
+
+def check_config_file(argv: list[str], known: set[str]) -> None:
+    """The `--config` YAML exists, parses, is a mapping, and names only known options (TRL would raise a
+    FileNotFoundError, a yaml traceback, or list the unknown keys without a hint)."""
+    import yaml
+
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise UserError("--config needs a YAML file, e.g. --config recipes/demo/sft.yaml")
+    path = Path(argv[index + 1])
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file" + ("" if not path.is_dir() else " (it is a folder)"))
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise UserError(f"--config {path}: not valid YAML ({where}: {getattr(error, 'problem', None) or error}); "
+                        "fix the file")
+    if not isinstance(config, dict):
+        raise UserError(f"--config {path}: not a mapping of option: value (it holds a {type(config).__name__}); write "
+                        "one `option: value` per line")
+    for key in config:
+        if key != "env" and key not in known:
+            raise UserError(f"--config {path}: unknown key {key!r}{closest(str(key), known, '; did you mean {!r}?')}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option may take: an interval, plus special values outside it (`also`, e.g. -1 for
+    "not set"), and why, when the reason is not obvious (`hint`)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    also: tuple = ()
+    hint: str = ""
+
+    def allows(self, value) -> bool:
+        if value in self.also:
+            return True
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf:
+            text = f"> {low}" if self.low_open else f"at least {low}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        text = " or ".join([*map(_number, self.also), text])
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value not in (math.inf, -math.inf) and float(value).is_integer() else f"{value:g}"
+
+
+AT_LEAST_1, POSITIVE, NON_NEGATIVE = Range(1), Range(0, low_open=True), Range(0)
+SEED = Range(0, 2**32 - 1)  # numpy's seeds
+# Every numeric option of every script (sft.py, reward.py, ppo.py, train.py, evaluate.py, chat.py), by field name;
+# `Class.field` where a class gives the name another meaning. Checked by check_ranges when the field is present.
+RANGES = {
+    # data (DataArguments)
+    "data_seed_for_split": SEED, "eval_fraction": Range(0, 1, True, True), "max_train_samples": AT_LEAST_1,
+    "max_eval_samples": AT_LEAST_1,
+    # batches, lengths, counts
+    "per_device_train_batch_size": AT_LEAST_1, "per_device_eval_batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1, "eval_accumulation_steps": AT_LEAST_1, "max_length": AT_LEAST_1,
+    "max_prompt_length": AT_LEAST_1, "response_length": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
+    "max_prompts": AT_LEAST_1, "batch_size": AT_LEAST_1, "generation_batch_size": AT_LEAST_1,
+    "ptx_batch_size": AT_LEAST_1, "ptx_max_length": AT_LEAST_1, "show": NON_NEGATIVE, "num_samples": NON_NEGATIVE,
+    "pad_to_multiple_of": AT_LEAST_1, "dataset_num_proc": AT_LEAST_1, "dataloader_num_workers": NON_NEGATIVE,
+    "dataloader_prefetch_factor": AT_LEAST_1,
+    # schedule (transformers: max_steps -1 means "use num_train_epochs"; a *_steps below 1 is a fraction of the run)
+    "num_train_epochs": POSITIVE, "max_steps": Range(1, also=(-1,)), "PPOArguments.max_steps": AT_LEAST_1,
+    "total_episodes": AT_LEAST_1, "num_ppo_epochs": AT_LEAST_1, "num_mini_batches": AT_LEAST_1,
+    "warmup_steps": NON_NEGATIVE, "warmup_ratio": Range(0, 1), "logging_steps": POSITIVE, "eval_steps": POSITIVE,
+    "save_steps": POSITIVE, "PPOArguments.save_steps": AT_LEAST_1, "save_total_limit": NON_NEGATIVE,
+    "eval_delay": NON_NEGATIVE, "torch_empty_cache_steps": AT_LEAST_1, "sample_every": NON_NEGATIVE,
+    "kl_horizon": AT_LEAST_1,
+    # optimisation (transformers: max_grad_norm 0 turns clipping off; ppo.py clips to it, so 0 would zero every step)
+    "learning_rate": POSITIVE, "critic_learning_rate": POSITIVE, "weight_decay": NON_NEGATIVE,
+    "adam_beta1": Range(0, 1, high_open=True), "adam_beta2": Range(0, 1, high_open=True), "adam_epsilon": POSITIVE,
+    "max_grad_norm": NON_NEGATIVE, "PPOArguments.max_grad_norm": POSITIVE,
+    "label_smoothing_factor": Range(0, 1, high_open=True), "neftune_noise_alpha": POSITIVE,
+    "center_rewards_coefficient": NON_NEGATIVE, "router_aux_loss_coef": NON_NEGATIVE,
+    # LoRA (alpha 0 scales the adapter to nothing)
+    "lora_r": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, high_open=True),
+    # sampling
+    "temperature": POSITIVE, "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_open=True), "repetition_penalty": POSITIVE,
+    # PPO
+    "kl_coef": NON_NEGATIVE, "target_kl": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
+    "vf_coef": POSITIVE, "entropy_coef": NON_NEGATIVE, "gamma": Range(0, 1), "lam": Range(0, 1),
+    "missing_eos_penalty": NON_NEGATIVE, "ema_decay": Range(0, 1, high_open=True), "ptx_coef": NON_NEGATIVE,
+    "score_clip": Range(0, low_open=True, hint="0 makes every score 0; leave it unset for no clipping"),
+    # seeds and distribution
+    "seed": SEED, "data_seed": SEED, "local_rank": Range(-1), "ddp_timeout": AT_LEAST_1,
+    "ddp_bucket_cap_mb": AT_LEAST_1,
+}
+# Numeric fields deliberately not in RANGES, and why.
+UNCHECKED_NUMBERS = {
+    "steps": "train.py --steps: checked by train.validate (a list of step numbers)",
+}
+
+
+def range_of(class_name: str, field_name: str) -> Range | None:
+    return RANGES.get(f"{class_name}.{field_name}", RANGES.get(field_name))
+
+
+def check_ranges(parsed) -> None:
+    """Every field of the parsed dataclasses that RANGES names holds a number in its range (None means unset)."""
+    import dataclasses
+    import typing
+
+    for args in parsed:
+        hints = typing.get_type_hints(type(args))
+        for field_info in dataclasses.fields(args):
+            allowed = range_of(type(args).__name__, field_info.name)
+            value = getattr(args, field_info.name)
+            if allowed is None or value is None:
+                continue
+            flag = f"--{field_info.name} {value}"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{flag}: must be a number, {allowed}")
+            whole = "int" in str(hints.get(field_info.name)) and "float" not in str(hints.get(field_info.name))
+            if whole and value != int(value):
+                raise UserError(f"{flag}: must be a whole number, {allowed}")
+            if not allowed.allows(value):
+                raise UserError(f"{flag}: must be {allowed}")
+
+
+def check_output_writable(output_dir: str | Path, flag: str = "--output_dir") -> None:
+    """output_dir is (or can be made as) a folder we can write in: checked by creating and removing a probe file in
+    it or in its nearest existing parent, so that a run never trains for hours and then fails at its first save."""
+    import tempfile
+
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {output_dir}: is a file, not a folder; give a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {output_dir}: {existing} is a file, so the folder cannot be made; give another path")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"{flag} {output_dir}: cannot write in {existing} ({error.strerror or error}); choose a "
+                        "folder you can write to")
+
+
+MODEL_FIELDS = ("model_name_or_path", "sft_model_path", "reward_model_path", "critic_model_path", "model_path")
+DATASET_FIELDS = ("dataset_name", "ptx_dataset_name")
+
+
+def check_locations(args) -> None:
+    """Model and data locations named by a parsed dataclass exist (local paths) or may be hub ids; nothing loaded."""
+    for name in MODEL_FIELDS:
+        value = getattr(args, name, None)
+        if value and value != BUILTIN_MODEL:
+            check_model_location(value, f"--{name}")
+    for name in DATASET_FIELDS:
+        value = getattr(args, name, None)
+        if value and value != BUILTIN_DATASET:
+            check_dataset_location(value, f"--{name}")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Elsewhere PyTorch emulates bf16 matmuls,
+    measured 4x slower than float32 on an AVX2 CPU, and a bf16-autocast training step 10x slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_bf16_off(dataclass_types, argv: list[str]) -> bool:
+    """TRL's SFTConfig and RewardConfig turn bf16 on by default. On a GPU, or a CPU with native bf16, keep that; on
+    other CPUs turn it off unless the flags, the --config YAML or an accelerate/DeepSpeed launch ask for it."""
+    import torch
+
+    if torch.cuda.is_available() or cpu_has_fast_bf16():
+        return False
+    if not any("bf16" in getattr(cls, "__dataclass_fields__", {}) for cls in dataclass_types):
+        return False
+    if any(arg.startswith("--bf16") for arg in argv) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        return False
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        try:
+            config = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())
+        except (OSError, yaml.YAMLError):
+            return False  # the parser reports the config file itself
+        if isinstance(config, dict) and "bf16" in config:
+            return False
+    return True
 
 
 def setup_logging(is_main_process: bool = True) -> None:
@@ -294,8 +570,28 @@ def build_tiny_opt(path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Data
 # ----------------------------------------------------------------------------------------------------------------
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix in DATA_EXTENSIONS or os.path.exists(name)
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` means a local path rather than a hub id: it exists, starts like a path, has a data file's
+    extension, has more than one `/`, starts with a folder that exists here (`out/sft` when there is an `out/`),
+    or is no valid hub id (spaces, `..`). Then a missing one is "no such folder", not a network error."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or Path(name).suffix in DATA_EXTENSIONS or os.path.exists(name):
+        return True
+    if name.count("/") > 1 or ("/" in name and Path(name.split("/")[0]).is_dir()):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_dataset_location(name: str, flag: str = "--dataset_name") -> None:
+    """A local dataset path exists (hub ids are left to the hub)."""
+    if name != BUILTIN_DATASET and looks_like_local_path(name) and not Path(name).expanduser().exists():
+        raise UserError(f"{flag} {name}: no such file or folder; give a .jsonl/.json/.parquet file, a folder of "
+                        "train/test files, a folder saved by `datasets`, or a hub dataset id")
 
 
 def load_raw_dataset(data_args: DataArguments):
@@ -308,11 +604,9 @@ def load_raw_dataset(data_args: DataArguments):
             train=datasets.Dataset.from_list(synthetic_preference_rows(6000, SYNTHETIC_SEEDS["train"])),
             test=datasets.Dataset.from_list(synthetic_preference_rows(200, SYNTHETIC_SEEDS["test"])),
         )
-    if _looks_like_path(name):
+    if looks_like_local_path(name):
+        check_dataset_location(name)
         path = Path(name).expanduser()
-        if not path.exists():
-            raise UserError(f"--dataset_name {name}: no such file or folder; give a .jsonl/.json/.parquet file, a "
-                            "folder of train/test files, a folder saved by `datasets`, or a hub dataset id")
         if path.is_file():
             if path.stat().st_size == 0:
                 raise UserError(f"--dataset_name {name}: no rows (the file is empty); add rows in rm-static schema")
@@ -350,7 +644,49 @@ def _load_files(builder: str, files: dict, name: str):
     except Exception as error:
         if "corresponds to no data" in str(error):
             raise UserError(f"--dataset_name {name}: no rows (the file is empty); add rows in rm-static schema")
+        for path in files.values() if builder == "json" else []:
+            bad = first_bad_json_line(path)
+            if bad:
+                raise UserError(f"--dataset_name {path}: line {bad[0]} is {bad[1]}; fix or remove that line")
         raise UserError(f"--dataset_name {name}: could not read {builder} data ({describe(error)}); check the file is valid {builder}")
+
+
+def first_bad_json_line(path) -> tuple[int, str] | None:
+    """(line number, what is wrong) of the first line of a JSON Lines file that is not a JSON object; None when the
+    file is one valid JSON document or every line is an object. Called once loading failed, to say where."""
+    text = Path(path).read_text(errors="replace")
+    try:
+        json.loads(text)
+        return None
+    except ValueError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as error:
+            return number, f"not valid JSON ({error.msg} at column {error.colno})"
+        if not isinstance(value, dict):
+            return number, f"not a JSON object (a {type(value).__name__})"
+    return None
+
+
+def drop_identical_pairs(dataset, source: str):
+    """Pairs whose chosen and rejected answers are the same text (but for surrounding space) teach a reward model
+    nothing and count as errors in its accuracy. A few are dropped and reported with counts; when they are more than
+    half of the rows, the columns are probably wrong: refuse."""
+    same = [i for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"])) if c.strip() == r.strip()]
+    if not same:
+        return dataset
+    rows = ", ".join(map(str, same[:3])) + (", ..." if len(same) > 3 else "")
+    if 2 * len(same) > len(dataset):
+        raise UserError(f"{source}: {len(same)} of {len(dataset)} pairs have chosen equal to rejected (rows {rows}); "
+                        "a reward model learns nothing from them: check the chosen and rejected columns")
+    logger.warning(f"{source}: dropped {len(same)} of {len(dataset)} pairs whose chosen equals rejected (rows {rows}):"
+                   " nothing to learn from them")
+    drop = set(same)
+    return dataset.select([i for i in range(len(dataset)) if i not in drop])
 
 
 def validate_rows(dataset, columns: tuple[str, ...], source: str) -> None:
@@ -402,9 +738,13 @@ def load_step_data(data_args: DataArguments, step: str):
     columns = REQUIRED_COLUMNS[step]
     train = raw[data_args.dataset_train_split]
     validate_rows(train, columns, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
+    if step == "reward":
+        train = drop_identical_pairs(train, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
     if data_args.dataset_test_split in raw:
         evaluation = raw[data_args.dataset_test_split]
         validate_rows(evaluation, columns, f"{data_args.dataset_name} [{data_args.dataset_test_split}]")
+        if step == "reward":
+            evaluation = drop_identical_pairs(evaluation, f"{data_args.dataset_name} [{data_args.dataset_test_split}]")
     else:
         held_out = max(1, round(len(train) * data_args.eval_fraction))
         if held_out >= len(train):
@@ -510,10 +850,22 @@ def prepare_step_data(data_args: DataArguments, tokenizer, step: str, max_length
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Models and tokenizers
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_model_path(name: str | None, flag: str = "--model_name_or_path") -> str:
-    """A loadable model location: the built-in demo model (built on first use), a local folder, or a hub id."""
+def check_model_location(name: str | None, flag: str = "--model_name_or_path") -> None:
+    """A model location is given and, when it is a local path, a folder holding a model or an adapter."""
     if not name:
         raise UserError(f"{flag} is required")
+    if name != BUILTIN_MODEL and looks_like_local_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise UserError(f"{flag} {name}: no such folder; give a model folder, a hub id or {BUILTIN_MODEL}")
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise UserError(f"{flag} {name}: the folder has neither config.json nor adapter_config.json; point at a "
+                            "saved model or adapter (e.g. the output_dir of sft.py)")
+
+
+def resolve_model_path(name: str | None, flag: str = "--model_name_or_path") -> str:
+    """A loadable model location: the built-in demo model (built on first use), a local folder, or a hub id."""
+    check_model_location(name, flag)
     if name == BUILTIN_MODEL:
         path = cache_dir() / "tiny-opt-v2"  # v2: the tokenizer of the v2 synthetic data
         if not (path / "config.json").exists():
@@ -521,15 +873,7 @@ def resolve_model_path(name: str | None, flag: str = "--model_name_or_path") -> 
             logger.info(f"building the demo model {BUILTIN_MODEL} in {path}")
             build_tiny_opt(path)
         return str(path)
-    if _looks_like_path(name) or name.count("/") > 1:
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            raise UserError(f"{flag} {name}: no such folder; give a model folder, a hub id or {BUILTIN_MODEL}")
-        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise UserError(f"{flag} {name}: the folder has neither config.json nor adapter_config.json; point at a "
-                            "saved model or adapter (e.g. the output_dir of sft.py)")
-        return str(path)
-    return name
+    return str(Path(name).expanduser()) if looks_like_local_path(name) else name
 
 
 def adapter_base(path: str) -> str | None:
@@ -538,6 +882,32 @@ def adapter_base(path: str) -> str | None:
     if not config_file.exists():
         return None
     return json.loads(config_file.read_text())["base_model_name_or_path"]
+
+
+def require_causal_lm(path: str, flag: str) -> None:
+    """A policy (sft.py's start, ppo.py's --sft_model_path, evaluate.py's and chat.py's policies) must be a causal
+    language model. A sequence classifier (a reward model) or a SEQ_CLS adapter would load as a causal LM with an
+    untrained or tied head and then train or answer silently: refuse it, before anything is loaded."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    adapter_file = Path(path) / "adapter_config.json"
+    if adapter_file.exists():
+        task = json.loads(adapter_file.read_text()).get("task_type")
+        if task not in (None, "CAUSAL_LM"):
+            raise UserError(f"{flag} {path}: a {task} adapter, not a causal language model; give the output of "
+                            "sft.py or ppo.py")
+        return
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{flag} {path}: could not read its config ({describe(error)}); check the path or hub id")
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in (names if isinstance(names, (list, tuple)) else [names])}
+    architectures = config.architectures or []  # a config without them (some hub configs) cannot be judged here
+    if architectures and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise UserError(f"{flag} {path}: not a causal language model (architectures {architectures}); give the "
+                        "output of sft.py or ppo.py, or another causal LM")
 
 
 def check_model_flags(model_args) -> None:
@@ -610,10 +980,22 @@ def prepare_trainer_step(step: str, data_args: DataArguments, training_args, mod
     """
     setup_logging(training_args.process_index == 0)
     check_model_flags(model_args)
-    tokenizer = load_tokenizer(resolve_model_path(model_args.model_name_or_path))
+    check_output_dir(training_args.output_dir, data_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    path = resolve_model_path(model_args.model_name_or_path)
+    if step == "sft":
+        require_causal_lm(path, "--model_name_or_path")
+    import memory_plan  # one line: the predicted peak GPU memory, a warning when it exceeds the visible GPU
+
+    memory_plan.log_estimate(step, training_args, model_args)
+    tokenizer = load_tokenizer(path)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     with training_args.main_process_first(desc="tokenizing"):
         train, evaluation = prepare_step_data(data_args, tokenizer, step, training_args.max_length)
+    # Last, once the data is known to be good: a mistake above leaves the old run where it was.
+    if data_args.overwrite_output_dir:
+        with training_args.main_process_first(desc="setting the previous run aside"):
+            if training_args.process_index == 0:
+                set_previous_run_aside(training_args.output_dir)
     return tokenizer, resume, train, evaluation
 
 
@@ -651,6 +1033,123 @@ def resolve_resume(resume_from_checkpoint, output_dir: str) -> str | None:
         raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: this checkpoint was not written "
                         f"completely (no {CHECKPOINT_COMPLETE}); use an older one or true")
     return str(resume_from_checkpoint)
+
+
+RUN_FILES = ("config.json", "adapter_config.json", "metrics.jsonl", "trainer_state.json", "step_complete.json")
+PREVIOUS_RUN = ".previous-run"
+
+
+def run_contents(output_dir: str | Path) -> list[str]:
+    """What in output_dir shows that a run wrote there (checkpoint-N folders, a final model, PPO metrics), sorted."""
+    path = Path(output_dir)
+    if not path.is_dir():
+        return []
+    checkpoints = sorted((p.name for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda name: int(name.split("-")[-1]))
+    return checkpoints + [name for name in RUN_FILES if (path / name).exists()]
+
+
+def previous_run_dir(output_dir: str | Path) -> Path:
+    """Where an overwritten run waits until its replacement has finished: the sibling OUTPUT_DIR.previous-run."""
+    path = Path(output_dir).expanduser().resolve()
+    return path.with_name(path.name + PREVIOUS_RUN)
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool, resume) -> None:
+    """Before anything is loaded or written (on every process: it only reads): a fresh run must not mix with another
+    run's checkpoints or final model in output_dir. Allowed: an empty, missing or unrelated folder; `overwrite`
+    (set_previous_run_aside then moves the old run away); `resume` (a checkpoint path, or "true"/True: the newest
+    complete checkpoint, refused when there is none but a finished model, which a restart would silently mix with).
+    """
+    resuming = resume not in (None, False, "", "false", "False")
+    if overwrite and resuming:
+        raise UserError("--overwrite_output_dir true and --resume_from_checkpoint: choose one (overwrite starts a new "
+                        "run, resume continues the one in output_dir)")
+    contents = run_contents(output_dir)
+    if overwrite:
+        target = Path(output_dir).expanduser().resolve()
+        if contents and any(target == p or target in p.parents for p in (Path.cwd().resolve(), Path.home().resolve())):
+            raise UserError(f"--overwrite_output_dir true: {output_dir} contains the current folder or your home; "
+                            "give the run a folder of its own")
+        return
+    if not contents:
+        return
+    if resuming:
+        finished = [name for name in ("config.json", "adapter_config.json") if name in contents]
+        if str(resume).lower() == "true" and newest_complete_checkpoint(output_dir) is None and finished:
+            raise UserError(f"--resume_from_checkpoint true: {output_dir} holds no complete checkpoint to resume, but "
+                            f"a finished model ({', '.join(finished)}); pass --overwrite_output_dir true to replace "
+                            "it, or choose another --output_dir")
+        return
+    checkpoints = [name for name in contents if name.startswith("checkpoint-")]
+    shown = ", ".join(checkpoints[-1:] + contents[len(checkpoints):])  # the newest checkpoint and the files
+    raise UserError(f"--output_dir {output_dir} already holds a run ({shown}); pass --resume_from_checkpoint true to "
+                    "continue it, --overwrite_output_dir true to replace it (the old run is deleted once the new one "
+                    "has finished), or choose another --output_dir")
+
+
+def set_previous_run_aside(output_dir: str | Path) -> Path | None:
+    """For --overwrite_output_dir, on the main process, right before training starts: rename output_dir (when it
+    holds a run) to OUTPUT_DIR.previous-run in one atomic step and start from an empty folder. If that sibling is
+    already there, an earlier overwrite did not finish: the sibling still holds the last finished run and is kept,
+    and output_dir (that attempt's unfinished outputs) is discarded. Returns the sibling, or None when nothing moved.
+    """
+    path = Path(output_dir).expanduser().resolve()
+    aside = previous_run_dir(path)
+    if not run_contents(path):
+        return None
+    try:
+        if aside.exists():
+            logger.warning(f"{aside} holds the run before an unfinished overwrite: kept; discarding the unfinished "
+                           f"outputs in {path}")
+            shutil.rmtree(path)
+        else:
+            path.rename(aside)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--overwrite_output_dir true: could not move the previous run in {output_dir} aside "
+                        f"({describe(error)}); move or delete it yourself")
+    logger.info(f"--overwrite_output_dir: the previous run is in {aside} until this run has saved its final model")
+    return aside
+
+
+def drop_previous_run(output_dir: str | Path) -> None:
+    """After the new run has saved its final model (main process): delete OUTPUT_DIR.previous-run, if any. It is
+    renamed first, so that a crash half-way never leaves a half-deleted folder under the name that means "the last
+    finished run"."""
+    aside = previous_run_dir(output_dir)
+    if aside.exists():
+        doomed = aside.with_name(f"{aside.name}.deleting-{os.getpid()}")
+        aside.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def swap_in(new: str | Path, target: str | Path) -> None:
+    """Replace the folder `target` by the finished folder `new`: target -> TARGET.old, new -> target, then delete
+    TARGET.old. A crash in between is repaired by finish_interrupted_swap."""
+    new, target = Path(new), Path(target)
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_interrupted_swap(target: str | Path, ready) -> None:
+    """Repair a swap_in that a crash cut short: with `target` gone and TARGET.old there, complete the swap when
+    TARGET.new is `ready(folder)` (finished), else put the old folder back. A leftover TARGET.old next to a target
+    is the deletion that did not happen."""
+    target = Path(target)
+    old, new = target.with_name(target.name + ".old"), target.with_name(target.name + ".new")
+    if old.exists() and not target.exists():
+        if new.exists() and ready(new):
+            new.rename(target)
+        else:
+            old.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def mark_checkpoint_complete(path: str | Path, **info) -> None:
@@ -709,6 +1208,7 @@ def save_trainer_output(trainer, output_dir: str, merge_adapter: bool, merged_cl
         # Trainer keeps the full log history only in checkpoints: save the final one with the model, for the charts.
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
         move_into(staging, output_dir)
+        drop_previous_run(output_dir)  # the final model is complete: an overwritten run may go now
     trainer.accelerator.wait_for_everyone()
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import common
-import ppo
+import rollout
 
 
 @dataclass
@@ -58,10 +58,6 @@ class EvalArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the sampling (the same for every policy)."})
     held_out_pairs: int = field(default=300, metadata={
         "help": "builtin:synthetic: held-out pairs for the reward model's accuracy per flaw of the rejected answer."})
-
-    @property
-    def generation_batch_size(self) -> int:  # the name ppo.generate_responses reads
-        return self.batch_size
 
 
 def device() -> torch.device:
@@ -101,12 +97,12 @@ def sft_perplexity(args: EvalArguments, data_args: common.DataArguments) -> dict
     _, rows = common.load_step_data(data_args, "sft")
     encoded, _ = common.tokenize_for_step(rows, tokenizer, "sft", args.max_length)
     total, count = 0.0, 0
-    for part in ppo.chunks(len(encoded), args.batch_size):
+    for part in rollout.chunks(len(encoded), args.batch_size):
         batch = encoded[part]
-        ids, mask = ppo.left_pad(batch["input_ids"], tokenizer.pad_token_id, device())
-        answer, _ = ppo.left_pad(batch["completion_mask"], 0, device())
-        logits = ppo.policy_logits(model, ids, mask)[:, :-1]
-        logprobs = ppo.logprobs_from_logits(logits, ids[:, 1:], 1.0)
+        ids, mask = rollout.left_pad(batch["input_ids"], tokenizer.pad_token_id, device())
+        answer, _ = rollout.left_pad(batch["completion_mask"], 0, device())
+        logits = rollout.policy_logits(model, ids, mask)[:, :-1]
+        logprobs = rollout.logprobs_from_logits(logits, ids[:, 1:], 1.0)
         total -= (logprobs * answer[:, 1:]).sum().item()
         count += answer[:, 1:].sum().item()
     loss = total / max(count, 1)
@@ -117,9 +113,9 @@ def sft_perplexity(args: EvalArguments, data_args: common.DataArguments) -> dict
 def sequence_scores(reward_model, sequences: list[list[int]], pad_token_id: int, batch_size: int) -> torch.Tensor:
     """The reward model's score of each sequence (left padding), read where ppo.py reads rollouts' scores."""
     scores = []
-    for part in ppo.chunks(len(sequences), batch_size):
-        ids, mask = ppo.left_pad(sequences[part], pad_token_id, device())
-        scores.append(ppo.score_at_last_token(reward_model, ids, mask).cpu())
+    for part in rollout.chunks(len(sequences), batch_size):
+        ids, mask = rollout.left_pad(sequences[part], pad_token_id, device())
+        scores.append(rollout.score_at_last_token(reward_model, ids, mask).cpu())
     return torch.cat(scores)
 
 
@@ -171,54 +167,41 @@ def policy_prompts(args: EvalArguments, data_args: common.DataArguments) -> list
 # ----------------------------------------------------------------------------------------------------------------
 # Policies: answers, scores, KL
 # ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
 def answer(model, tokenizer, prompts: list[str], args: EvalArguments) -> dict:
-    """Sampled answers to the prompts (cut from the left as ppo.py cuts them) and their log-probs."""
+    """Sampled answers to the prompts (cut from the left as ppo.py cuts them) and their summed log-probs."""
     import datasets
 
     encoded, _ = common.tokenize_for_step(datasets.Dataset.from_dict({"prompt": prompts}), tokenizer, "ppo",
                                           args.max_prompt_length, args.max_prompt_length)
-    queries, query_mask = ppo.left_pad(encoded["input_ids"], tokenizer.pad_token_id, device())
+    queries, query_mask = rollout.left_pad(encoded["input_ids"], tokenizer.pad_token_id, device())
+    config = rollout.sampling_config(args.response_length, args.temperature, args.top_k, args.top_p,
+                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
     torch.manual_seed(args.seed)  # every policy samples with the same seed
-    raw = ppo.generate_responses(model, queries, query_mask, args, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    responses, response_mask, has_stop = ppo.truncate_after_stop(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    rollout = dict(queries=queries, query_mask=query_mask, responses=responses, response_mask=response_mask,
-                   has_stop=has_stop, tokenizer=tokenizer)
-    rollout["logprobs"] = sequence_logprobs(model, rollout, args)
-    return rollout
+    sample = rollout.generate_rollout(model, queries, query_mask, config, args.batch_size)
+    return {"rollout": sample, "tokenizer": tokenizer, "logprobs": sequence_logprobs(model, sample, args)}
 
 
-def sequence_logprobs(model, rollout: dict, args: EvalArguments) -> torch.Tensor:
+def sequence_logprobs(model, sample: rollout.Rollout, args: EvalArguments) -> torch.Tensor:
     """Sum of log-probs of each answer's tokens under `model` (at the sampling temperature)."""
     out = []
-    context = rollout["queries"].shape[1]
-    for part in ppo.chunks(len(rollout["queries"]), args.batch_size):
-        ids = torch.cat([rollout["queries"][part], rollout["responses"][part]], 1)
-        mask = torch.cat([rollout["query_mask"][part], rollout["response_mask"][part]], 1)
-        logits = ppo.policy_logits(model, ids, mask)[:, context - 1 : -1]
-        logprobs = ppo.logprobs_from_logits(logits, rollout["responses"][part], args.temperature)
-        out.append((logprobs * rollout["response_mask"][part]).sum(1).cpu())
+    for part in rollout.chunks(len(sample), args.batch_size):
+        logprobs = rollout.response_logprobs(model, sample[part], args.temperature)
+        out.append((logprobs * sample.response_mask[part]).sum(1).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def score_answers(reward_model, reward_tokenizer, rollout: dict, batch_size: int) -> torch.Tensor:
+def score_answers(reward_fn, sample: rollout.Rollout, batch_size: int) -> torch.Tensor:
     """The reward model's scores of prompt + answer (through text when the tokenizers differ, as in ppo.py)."""
-    scores = []
-    for part in ppo.chunks(len(rollout["queries"]), batch_size):
-        ids = torch.cat([rollout["queries"][part], rollout["responses"][part]], 1)
-        mask = torch.cat([rollout["query_mask"][part], rollout["response_mask"][part]], 1)
-        scores.append(ppo.reward_scores(reward_model, False, ids, mask, rollout, part, rollout["tokenizer"],
-                                        reward_tokenizer).cpu())
-    return torch.cat(scores)
+    return torch.cat([reward_fn(sample[part]).cpu() for part in rollout.chunks(len(sample), batch_size)])
 
 
-def decode_answers(rollout: dict) -> list[str]:
+def decode_answers(answers: dict) -> list[str]:
     """The answers as text; control characters (an untrained model emits any byte) shown as '?' to keep the
     terminal sane."""
-    tokenizer = rollout["tokenizer"]
+    tokenizer, sample = answers["tokenizer"], answers["rollout"]
     texts = [tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
-             for r, m in zip(rollout["responses"], rollout["response_mask"])]
+             for r, m in zip(sample.responses, sample.response_mask)]
     return ["".join(c if c.isprintable() or c == "\n" else "?" for c in text) for text in texts]
 
 
@@ -234,20 +217,23 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
     for name, path in policies.items():
         model, tokenizer = reference if name == args.reference else load(path, f"--policies {name}",
                                                                          AutoModelForCausalLM)
-        rollout = answer(model, tokenizer, prompts, args)
-        numbers = {"path": path, "mean_length": rollout["response_mask"].sum(1).float().mean().item(),
-                   "eos_rate": rollout["has_stop"].float().mean().item()}
+        answers = answer(model, tokenizer, prompts, args)
+        sample = answers["rollout"]
+        numbers = {"path": path, "mean_length": sample.response_mask.sum(1).float().mean().item(),
+                   "eos_rate": sample.has_stop.float().mean().item()}
         if data_args.dataset_name == common.BUILTIN_DATASET:
-            numbers.update(ground_truth_rates(prompts, decode_answers(rollout)))
-        if reference is not None and ppo.same_tokenizer(tokenizer, reference[1]):
+            numbers.update(ground_truth_rates(prompts, decode_answers(answers)))
+        if reference is not None and rollout.same_tokenizer(tokenizer, reference[1]):
             # k1 estimate of KL(policy || reference) per answer: E[log p(answer) - log q(answer)] over samples.
-            numbers["kl_to_reference"] = (rollout["logprobs"] - sequence_logprobs(reference[0], rollout,
+            numbers["kl_to_reference"] = (answers["logprobs"] - sequence_logprobs(reference[0], sample,
                                                                                   args)).mean().item()
         if reward is not None:
-            rollout["scores"] = score_answers(reward[0], reward[1], rollout, args.batch_size)
-            numbers["reward_mean"] = rollout["scores"].mean().item()
-            numbers["reward_std"] = rollout["scores"].std().item() if len(prompts) > 1 else 0.0
-        results[name], rollouts[name] = numbers, rollout
+            # The scoring function is decided per policy: its tokenizer may differ from the reward model's.
+            reward_fn = rollout.reward_function(reward[0], tokenizer, reward[1])
+            answers["scores"] = score_answers(reward_fn, sample, args.batch_size)
+            numbers["reward_mean"] = answers["scores"].mean().item()
+            numbers["reward_std"] = answers["scores"].std().item() if len(prompts) > 1 else 0.0
+        results[name], rollouts[name] = numbers, answers
         del model
     if reward is not None and args.reference in rollouts:
         ref_scores = rollouts[args.reference]["scores"]
@@ -255,7 +241,7 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
             scores = rollouts[name]["scores"]
             results[name][f"win_rate_vs_{args.reference}"] = ((scores > ref_scores).float().mean()
                                                               + 0.5 * (scores == ref_scores).float().mean()).item()
-    return results, {"prompts": prompts, **{name: rollout for name, rollout in rollouts.items()}}
+    return results, {"prompts": prompts, **rollouts}
 
 
 def show_answers(answers: dict, count: int) -> None:
@@ -304,9 +290,11 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
     for flag, path in [("--sft_model_path", args.sft_model_path), ("--reward_model_path", args.reward_model_path),
                        *[(f"--policies {n}", p) for n, p in policies.items()]]:
         if path:
-            common.resolve_model_path(path, flag)  # a missing folder fails here, before any model is loaded
+            resolved = common.resolve_model_path(path, flag)  # a missing folder fails here, before any model is loaded
+            if flag != "--reward_model_path":
+                common.require_causal_lm(resolved, flag)  # a reward model given as a policy would run silently
     if args.reward_model_path:
-        ppo.check_reward_model(common.resolve_model_path(args.reward_model_path, "--reward_model_path"),
+        rollout.check_reward_model(common.resolve_model_path(args.reward_model_path, "--reward_model_path"),
                                "--reward_model_path")
 
     results = {"dataset": data_args.dataset_name}
@@ -335,6 +323,4 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(*HfArgumentParser((EvalArguments, common.DataArguments)).parse_args_into_dataclasses())
+    main(*common.parse_args((EvalArguments, common.DataArguments)))

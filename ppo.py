@@ -5,8 +5,10 @@
         --sft_model_path out/opt-1.3b/sft --reward_model_path out/opt-1.3b/reward
 
 TRL 1.16 has no PPO trainer, so this file carries its own loop, written to be read top to bottom like CleanRL's
-ppo.py: 1. the arguments (TRL's PPOConfig names where the concept is the same), 2. small pure helpers,
-3. the four models, 4. rollout and scoring, 5. checkpoints, 6. the loop.
+ppo.py: 1. the arguments (TRL's PPOConfig names where the concept is the same), 2. small pure helpers (the PPO
+math), 3. the four models and the loss, 4. checkpoints, 5. setup, metrics and the loop (`main`: rollout, score,
+advantages, update, log/save). Generation and scoring (log-probs, values, rewards) live in rollout.py, which
+evaluate.py, chat.py and bench/ share.
 
 The four roles, and why only two copies of weights are needed with LoRA:
 - actor: the SFT policy plus a fresh LoRA adapter (or the whole model without --use_peft);
@@ -19,6 +21,7 @@ The four roles, and why only two copies of weights are needed with LoRA:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -40,6 +43,7 @@ from trl import ModelConfig, get_peft_config
 
 import common
 import plots
+import rollout
 
 logger = logging.getLogger("simple_rlhf.ppo")
 
@@ -203,38 +207,6 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
     return advantages
 
 
-def truncate_after_stop(responses: torch.Tensor, stop_token_id: int, pad_token_id: int):
-    """Replace every token after the first stop token with padding; return (responses, mask, has_stop).
-
-    The mask comes from the stop position, not from `!= pad`, since pad and EOS are often the same token.
-    """
-    length = responses.shape[1]
-    is_stop = responses == stop_token_id
-    has_stop = is_stop.any(dim=1)
-    first_stop = torch.where(has_stop, is_stop.int().argmax(dim=1), torch.full_like(has_stop, length, dtype=torch.long))
-    positions = torch.arange(length, device=responses.device).unsqueeze(0)
-    mask = positions <= first_stop.unsqueeze(1)  # the stop token itself is part of the response
-    return torch.where(mask, responses, torch.full_like(responses, pad_token_id)), mask.long(), has_stop
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of a 0/1 mask (the token whose score the reward model gives)."""
-    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
-    return (positions * mask).argmax(dim=1)
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count real tokens only, so a left-padded sequence is seen exactly as the unpadded one."""
-    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-probs of `tokens` under logits scaled by the sampling temperature (as generate() sampled them)."""
-    from trl.trainer.utils import selective_log_softmax
-
-    return selective_log_softmax(logits.float() / temperature, tokens)
-
-
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
     """PPO's clipped surrogate; returns (loss, clip fraction, approx KL, mean ratio)."""
     log_ratio = logprobs - old_logprobs
@@ -322,41 +294,6 @@ def disable_dropout(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. The four models
 # ----------------------------------------------------------------------------------------------------------------
-def backbone_and_head(sequence_classifier):
-    """The transformer and the score head of a sequence classifier (through a PEFT wrapper)."""
-    from peft import PeftModel
-
-    model = sequence_classifier.get_base_model() if isinstance(sequence_classifier, PeftModel) else sequence_classifier
-    head = getattr(model, "score", None)
-    if head is None:
-        raise common.UserError(f"{type(model).__name__} has no `score` head; use a model whose sequence classifier "
-                               "has one (OPT, Llama, Qwen, GPT-2, ...)")
-    return getattr(model, model.base_model_prefix), head
-
-
-def per_token_scores(sequence_classifier, input_ids, attention_mask) -> torch.Tensor:
-    """The score head applied at every token: the critic's values, or the reward model's score at a chosen index."""
-    backbone, head = backbone_and_head(sequence_classifier)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    return head(hidden.to(head_dtype(head))).squeeze(-1).float()
-
-
-def head_dtype(head: nn.Module) -> torch.dtype:
-    """The dtype of the head that will run: under ZeRO-3 with bf16, PEFT's trainable copy of the score head (the
-    critic's value head) stays float32 while the backbone and the original head (the reward model's) are bf16."""
-    from peft.utils.other import ModulesToSaveWrapper
-
-    if isinstance(head, ModulesToSaveWrapper) and not head.disable_adapters and head.active_adapters:
-        head = head.modules_to_save[head.active_adapters[0]]
-    return next(head.parameters()).dtype
-
-
-def policy_logits(actor, input_ids, attention_mask) -> torch.Tensor:
-    return actor(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-
-
 class ActorCritic(nn.Module):
     """Actor and critic in one module, so one accelerate/DeepSpeed engine, one optimizer (two learning rates) and
     one backward pass serve both. The frozen reference and reward model live inside them (adapters off)."""
@@ -368,9 +305,9 @@ class ActorCritic(nn.Module):
     def forward(self, input_ids, attention_mask, ptx_ids=None, ptx_mask=None):
         """Policy logits and values of a rollout micro-batch, plus the policy's logits on a PTX batch if given: one
         forward through the (DDP/DeepSpeed-wrapped) module, so one backward covers all three."""
-        ptx_logits = None if ptx_ids is None else policy_logits(self.actor, ptx_ids, ptx_mask)
-        return (policy_logits(self.actor, input_ids, attention_mask),
-                per_token_scores(self.critic, input_ids, attention_mask), ptx_logits)
+        ptx_logits = None if ptx_ids is None else rollout.policy_logits(self.actor, ptx_ids, ptx_mask)
+        return (rollout.policy_logits(self.actor, input_ids, attention_mask),
+                rollout.per_token_scores(self.critic, input_ids, attention_mask), ptx_logits)
 
 
 def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None = None):
@@ -382,7 +319,7 @@ def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None =
     logits, new_values, ptx_logits = model(batch["input_ids"], batch["attention_mask"], ptx_ids, ptx_mask)
     # Position t predicts token t+1: the logits and values for the response are those at context-1 .. end-1.
     logits = logits[:, context - 1:-1]
-    new_logprobs = logprobs_from_logits(logits, batch["responses"], args.temperature)
+    new_logprobs = rollout.logprobs_from_logits(logits, batch["responses"], args.temperature)
     new_values = new_values[:, context - 1:-1]
     mask = batch["mask"]
     pg_loss, clipfrac, approxkl, ratio = clipped_policy_loss(new_logprobs, batch["logprobs"], batch["advantages"],
@@ -404,26 +341,6 @@ def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None =
     return loss, stats
 
 
-def check_reward_model(path: str, flag: str) -> None:
-    """The reward model must be a sequence classifier with one label (or a SEQ_CLS adapter); say so before loading."""
-    from transformers import AutoConfig
-
-    adapter_file = Path(path) / "adapter_config.json"
-    if adapter_file.exists():
-        if json.loads(adapter_file.read_text()).get("task_type") != "SEQ_CLS":
-            raise common.UserError(f"{flag} {path}: this adapter is not a sequence classifier (task_type is not "
-                                   "SEQ_CLS); give the output of reward.py")
-        return
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise common.UserError(f"{flag} {path}: could not read its config ({str(error).splitlines()[0][:200]})")
-    architectures = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-        raise common.UserError(f"{flag} {path}: not a sequence classifier with one label (architectures "
-                               f"{architectures}, num_labels {config.num_labels}); give the output of reward.py")
-
-
 def keep_4bit_weights_trainable(model: nn.Module) -> None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for a faster inference kernel the
     first time it runs in eval mode (our rollout) and never packs them back; that kernel has no backward, so the
@@ -432,10 +349,6 @@ def keep_4bit_weights_trainable(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-def same_tokenizer(a, b) -> bool:
-    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
 def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_tokenizer, paths: dict):
@@ -454,7 +367,7 @@ def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_
     if paths["critic"] is not None:
         critic = common.load_model(model_args, AutoModelForSequenceClassification, paths["critic"],
                                    "--critic_model_path", num_labels=1)
-    elif not same_tokenizer(tokenizer, reward_tokenizer):
+    elif not rollout.same_tokenizer(tokenizer, reward_tokenizer):
         # Values must line up with the actor's tokens, so the critic cannot read the reward model's tokens.
         critic = common.load_model(model_args, AutoModelForSequenceClassification, paths["sft"], "--sft_model_path",
                                    num_labels=1)
@@ -487,115 +400,7 @@ def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_
     return ActorCritic(actor, critic), reference, (None if shared else reward)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Rollout and scoring
-# ----------------------------------------------------------------------------------------------------------------
-def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([[pad_token_id] * (width - len(s)) + s for s in sequences], device=device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
-    return ids, mask
-
-
-def shard_of_shuffle(rows: list, batch_size: int, position: int, seed: int, num_processes: int,
-                     process_index: int) -> list:
-    """This process's `batch_size` rows of the position-th global batch: a pure function of the position (so a
-    resumed run sees the same data), walking through a fresh seeded shuffle of the rows on each pass, with the
-    processes taking consecutive, disjoint slices."""
-    per_pass = len(rows) // (batch_size * num_processes)
-    epoch, index = divmod(position, per_pass)
-    order = np.random.RandomState(seed + epoch).permutation(len(rows))
-    start = (index * num_processes + process_index) * batch_size
-    return [rows[int(i)] for i in order[start : start + batch_size]]
-
-
-def chunks(n: int, size: int):
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-@torch.no_grad()
-def generate_responses(actor, queries, query_mask, args, stop_token_id, pad_token_id):
-    """Sample up to response_length tokens per prompt, in chunks of generation_batch_size."""
-    from transformers import GenerationConfig
-
-    # generate() fills every option left None from the model's generation_config (hub checkpoints ship top_k,
-    # repetition_penalty, ...), then from global defaults (top_k 50): set the ones that reshape the sampling
-    # distribution explicitly, so we sample what the arguments say (top_k 0 is off) and the log-probs match it.
-    config = GenerationConfig(max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, eos_token_id=stop_token_id,
-                              pad_token_id=pad_token_id, use_cache=True, min_length=0, repetition_penalty=1.0,
-                              no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
-    responses = []
-    for part in chunks(len(queries), args.generation_batch_size):
-        output = actor.generate(input_ids=queries[part], attention_mask=query_mask[part], generation_config=config)
-        new = output[:, queries.shape[1]:]
-        responses.append(nn.functional.pad(new, (0, args.response_length - new.shape[1]), value=pad_token_id))
-    return torch.cat(responses)
-
-
-@torch.no_grad()
-def score_rollout(model: ActorCritic, reference, reward, rollout: dict, args, tokenizer, reward_tokenizer,
-                  accelerator) -> dict:
-    """Log-probs under actor and reference, the critic's values, and the reward model's score."""
-    ids, mask, context = rollout["input_ids"], rollout["attention_mask"], rollout["queries"].shape[1]
-    responses = rollout["responses"]
-    logprobs, ref_logprobs, values, scores = [], [], [], []
-    for part in chunks(len(ids), args.generation_batch_size):
-        with accelerator.autocast():
-            logits = policy_logits(model.actor, ids[part], mask[part])
-            logprobs.append(logprobs_from_logits(logits[:, context - 1:-1], responses[part], args.temperature))
-            del logits
-            if reference is None:
-                with model.actor.disable_adapter():
-                    ref_logits = policy_logits(model.actor, ids[part], mask[part])
-            else:
-                ref_logits = policy_logits(reference, ids[part], mask[part])
-            ref_logprobs.append(logprobs_from_logits(ref_logits[:, context - 1:-1], responses[part], args.temperature))
-            del ref_logits
-            # The value of the state before each response token: positions context-1 .. end-1.
-            values.append(per_token_scores(model.critic, ids[part], mask[part])[:, context - 1:-1])
-            scores.append(reward_scores(model.critic if reward is None else reward, reward is None, ids[part],
-                                        mask[part], rollout, part, tokenizer, reward_tokenizer))
-    return dict(logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
-                scores=torch.cat(scores))
-
-
-def reward_scores(reward_model, shared: bool, ids, mask, rollout, part, tokenizer, reward_tokenizer) -> torch.Tensor:
-    """The reward model's score of each sequence; through text when the reward tokenizer differs."""
-    if not same_tokenizer(tokenizer, reward_tokenizer):
-        ids, mask = retokenize(rollout, part, tokenizer, reward_tokenizer, ids.device)
-    if shared:
-        with reward_model.disable_adapter():
-            return score_at_last_token(reward_model, ids, mask)
-    return score_at_last_token(reward_model, ids, mask)
-
-
-def score_at_last_token(reward_model, ids, mask) -> torch.Tensor:
-    """A sequence classifier's score, read at the token it read in training (reward.py: prompt + answer + EOS):
-    the last one that is not its pad id. With pad != eos that is the EOS of a stopped response; with pad == eos
-    (GPT-2-like tokenizers, where common.load_tokenizer sets pad = eos) it is the last answer token before the EOS."""
-    per_token = per_token_scores(reward_model, ids, mask)
-    pad_token_id = reward_model.config.pad_token_id
-    read = mask if pad_token_id is None else mask * (ids != pad_token_id)
-    return per_token.gather(1, last_token_index(read).unsqueeze(1)).squeeze(1)
-
-
-def retokenize(rollout, part, tokenizer, reward_tokenizer, device):
-    """Prompt + response as text, re-tokenized for the reward model (+ its EOS where the response stopped), as
-    reward.py trained it on prompt + answer + EOS."""
-    texts = []
-    for query, response, mask, stopped in zip(rollout["queries"][part], rollout["responses"][part],
-                                              rollout["response_mask"][part], rollout["has_stop"][part]):
-        text = tokenizer.decode(query, skip_special_tokens=True) + tokenizer.decode(response[mask.bool()],
-                                                                                     skip_special_tokens=True)
-        texts.append((text, bool(stopped)))
-    sequences = [reward_tokenizer(text)["input_ids"] + ([reward_tokenizer.eos_token_id] if stopped else [])
-                 for text, stopped in texts]
-    return left_pad(sequences, reward_tokenizer.pad_token_id, device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Checkpoints
+# 4. Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 def zero3_gathered(accelerator, params, modifier_rank=None):
     """Under ZeRO-3 each process holds a shard of every parameter (and none at all of a 0-size placeholder):
@@ -750,7 +555,7 @@ def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. The loop
+# 5. Setup, metrics and the loop
 # ----------------------------------------------------------------------------------------------------------------
 class StopRequested:
     """SIGTERM / SIGINT set a flag; the loop finishes its step, writes a checkpoint and exits 0."""
@@ -802,7 +607,7 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
                         if args.critic_model_path else None)}
     for key, flag in (("reward", "--reward_model_path"), ("critic", "--critic_model_path")):
         if paths[key] is not None:
-            check_reward_model(paths[key], flag)
+            rollout.check_reward_model(paths[key], flag)
     return paths
 
 
@@ -842,14 +647,12 @@ def check_prompts_fit(data_args, tokenizer, max_prompt_length: int) -> None:
                        f"{max_prompt_length}; they are cut inside that turn")
 
 
-@common.exit_on_user_error
-def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelConfig) -> list[dict]:
+
+
+def make_accelerator(args: PPOArguments):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
-    from tqdm.auto import tqdm
 
-    paths = validate(args, model_args)
     # accelerate launch exports the DeepSpeed config's "auto" here; the PPO arguments decide, as in TRL's trainers.
     if os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") == "auto":
         del os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
@@ -862,18 +665,43 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
                               project_dir=args.output_dir)
     common.setup_logging(accelerator.is_main_process)
     common.log_distribution(accelerator)
-    resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     set_seed(args.seed)
+    return accelerator
+
+
+def stop_token_id_of(tokenizer, stop_token: str) -> int:
+    if stop_token == "eos":
+        return tokenizer.eos_token_id
+    stop_ids = tokenizer(stop_token, add_special_tokens=False)["input_ids"]
+    if len(stop_ids) != 1:
+        raise common.UserError(f"--stop_token {stop_token!r} is {len(stop_ids)} tokens; give one token or eos")
+    return stop_ids[0]
+
+
+@dataclass
+class Setup:
+    """What main() builds before the loop: tokenizer, data, models, optimizer, and the rollout's settings."""
+
+    accelerator: object
+    tokenizer: object
+    generation_config: object  # transformers.GenerationConfig: what the rollout samples
+    model: nn.Module  # the ActorCritic, wrapped by accelerate (DDP / DeepSpeed engine)
+    unwrapped: ActorCritic
+    reference: nn.Module | None  # None: the actor with its adapter off
+    reward_fn: object  # rollout.reward_function: a Rollout -> its scores
+    optimizer: object
+    scheduler: object
+    global_batch: int  # rollouts per iteration over all processes
+    prompt_batch: object  # step -> this process's prompts (lists of ids)
+    ptx_batch: object  # position -> this process's PTX sequences, or None without --ptx_coef
+
+
+def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, accelerator) -> Setup:
+    from transformers import get_scheduler
 
     tokenizer = common.load_tokenizer(paths["sft"], padding_side="left")
     reward_tokenizer = common.load_tokenizer(paths["reward"], padding_side="left")
-    if args.stop_token == "eos":
-        stop_token_id = tokenizer.eos_token_id
-    else:
-        stop_ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
-        if len(stop_ids) != 1:
-            raise common.UserError(f"--stop_token {args.stop_token!r} is {len(stop_ids)} tokens; give one token or eos")
-        stop_token_id = stop_ids[0]
+    stop_token_id = stop_token_id_of(tokenizer, args.stop_token)
     with accelerator.main_process_first():
         check_prompts_fit(data_args, tokenizer, args.max_prompt_length)
         train, _ = common.prepare_step_data(data_args, tokenizer, "ppo", args.max_prompt_length, args.max_prompt_length)
@@ -884,7 +712,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
                                "processes); use more data or smaller batches")
     if args.total_episodes is not None:
         args.max_steps = max(1, args.total_episodes // global_batch)
-    if not same_tokenizer(tokenizer, reward_tokenizer) and args.critic_model_path is None:
+    if not rollout.same_tokenizer(tokenizer, reward_tokenizer) and args.critic_model_path is None:
         logger.info("the reward model has its own tokenizer: texts are re-tokenized for scoring, and the critic "
                     "starts from the SFT policy's backbone with a fresh value head")
 
@@ -907,170 +735,217 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         if frozen is not None:
             frozen.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(model)
-    kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
-    score_moments = RunningMoments()
-    # The EMA starts from the actor's initial weights (as DeepSpeed-Chat's copy of the actor does), in float32.
-    ema = None
-    if args.ema_decay is not None:
-        with zero3_gathered(accelerator, trainable_parameters(unwrapped.actor)):
-            ema = {k: v.float() for k, v in trainable_state(unwrapped.actor, cpu=False).items()}
-    ptx_position = 0  # PTX micro-batches consumed so far, over all processes' identical counters
+    # reward None: the reward model is the critic with its adapter off.
+    reward_fn = rollout.reward_function(unwrapped.critic if reward is None else reward, tokenizer, reward_tokenizer,
+                                        adapter_off=reward is None)
+    generation_config = rollout.sampling_config(args.response_length, args.temperature, args.top_k, args.top_p,
+                                                stop_token_id, tokenizer.pad_token_id)
 
-    step = 0
-    if resume:
-        state = load_checkpoint(resume, accelerator, model, optimizer, scheduler, ema)
-        step = state["step"]
-        kl_controller.value = state["kl_coef"]
-        score_moments.__dict__.update(state["score_moments"])
-        ptx_position = state.get("ptx_position", 0)
-        logger.info(f"resumed from {resume} at step {step}")
-    if step >= args.max_steps:
-        logger.info(f"already at step {step} of --max_steps {args.max_steps}")
+    # Token ids as plain lists, read once: the loop picks rows from them every iteration. Each batch is a pure
+    # function of its position, so a resumed run sees the same data.
+    prompt_ids = train["input_ids"]
+    ptx_ids = load_ptx_data(data_args, args, tokenizer)["input_ids"] if args.ptx_coef else None
+    n, rank = accelerator.num_processes, accelerator.process_index
 
-    output_dir = Path(args.output_dir)
-    metrics_file = output_dir / "metrics.jsonl"
+    def prompt_batch(step: int) -> list[list[int]]:
+        return rollout.shard_of_shuffle(prompt_ids, args.local_rollout_batch_size, step, args.seed, n, rank)
+
+    def ptx_batch(position: int) -> list[list[int]]:
+        return rollout.shard_of_shuffle(ptx_ids, args.ptx_batch_size, position, args.seed + 7919, n, rank)
+
+    return Setup(accelerator, tokenizer, generation_config, model, unwrapped, reference, reward_fn, optimizer,
+                 scheduler, global_batch, prompt_batch, ptx_batch if args.ptx_coef else None)
+
+
+def initial_ema(accelerator, unwrapped: ActorCritic, decay: float | None) -> dict | None:
+    """The EMA starts from the actor's initial weights (as DeepSpeed-Chat's copy of the actor does), in float32."""
+    if decay is None:
+        return None
+    with zero3_gathered(accelerator, trainable_parameters(unwrapped.actor)):
+        return {k: v.float() for k, v in trainable_state(unwrapped.actor, cpu=False).items()}
+
+
+def start_metrics_file(accelerator, args: PPOArguments, step: int, resumed: bool) -> Path:
+    """OUTPUT_DIR/metrics.jsonl, without the lines of steps after the checkpoint we resume from (to be redone)."""
+    metrics_file = Path(args.output_dir) / "metrics.jsonl"
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        # Drop metrics of steps after the checkpoint we resume from: they are about to be redone.
-        kept = [line for line in (metrics_file.read_text().splitlines() if metrics_file.exists() and resume else [])
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (metrics_file.read_text().splitlines() if metrics_file.exists() and resumed else [])
                 if json.loads(line)["step"] <= step]
         metrics_file.write_text("".join(line + "\n" for line in kept))
     if args.report_to != "none":
         accelerator.init_trackers("ppo", config={k: v for k, v in asdict(args).items()
                                                  if isinstance(v, (int, float, str, bool))})
+    return metrics_file
 
-    # Token ids as plain lists, read once: the loops below pick rows from them every iteration.
-    prompt_ids = train["input_ids"]
 
-    def prompt_batch(at_step: int) -> list[list[int]]:
-        """This process's prompts for a step: a pure function of the step, so a resumed run sees the same data."""
-        return shard_of_shuffle(prompt_ids, args.local_rollout_batch_size, at_step, args.seed,
-                                accelerator.num_processes, accelerator.process_index)
+def shape_scores(scores: torch.Tensor, has_stop: torch.Tensor, args: PPOArguments, moments: RunningMoments,
+                 accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward model's scores with the missing-EOS penalty and clipping (logged as objective/scores), and the
+    same normalised by the running moments if --normalize_scores (what the reward uses)."""
+    if args.missing_eos_penalty is not None:
+        scores = scores - args.missing_eos_penalty * (~has_stop).float()
+    if args.score_clip is not None:
+        scores = scores.clamp(-args.score_clip, args.score_clip)
+    if not args.normalize_scores:
+        return scores, scores
+    moments.update(accelerator.gather(scores))
+    return scores, (scores - moments.mean) / moments.std
 
-    if args.ptx_coef:
-        ptx_ids = load_ptx_data(data_args, args, tokenizer)["input_ids"]
 
-    def ptx_batch(position: int) -> list[list[int]]:
-        """This process's PTX sequences for the position-th micro-batch (the position is saved in checkpoints)."""
-        return shard_of_shuffle(ptx_ids, args.ptx_batch_size, position, args.seed + 7919, accelerator.num_processes,
-                                accelerator.process_index)
+def advantages_and_returns(non_score_reward, scores, values, response_mask, args: PPOArguments, accelerator):
+    """Per-token rewards (the KL penalty, plus the score at the last response token), then GAE; advantages are
+    whitened. Whitening statistics span all processes' rollouts, so N processes do the math of one with N batches."""
+    mask = response_mask.float()
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(len(rewards), device=rewards.device), rollout.last_token_index(response_mask)] += scores
+    sum_all = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
+    if args.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False, sum_all=sum_all)
+    advantages = compute_gae(rewards, values, args.gamma, args.lam) * mask
+    returns = advantages + values
+    return masked_whiten(advantages, mask, sum_all=sum_all), returns
 
+
+def ppo_update(run: Setup, batch: dict, args: PPOArguments, context: int, ema: dict | None, ptx_position: int):
+    """num_ppo_epochs passes over the rollout batch, num_mini_batches optimizer steps each (in micro-batches of
+    per_device_train_batch_size); returns (lists of per-micro-batch stats, the new PTX position)."""
+    accelerator, model, optimizer, actor = run.accelerator, run.model, run.optimizer, run.unwrapped.actor
+    stats = {}
+    mini_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    for _ in range(args.num_ppo_epochs):
+        order = torch.randperm(args.local_rollout_batch_size)
+        for mini in rollout.chunks(args.local_rollout_batch_size, mini_size):
+            for micro in rollout.chunks(mini.stop - mini.start, args.per_device_train_batch_size):
+                idx = order[mini][micro].to(accelerator.device)
+                ptx = None
+                if run.ptx_batch is not None:
+                    ptx = rollout.left_pad(run.ptx_batch(ptx_position), run.tokenizer.pad_token_id, accelerator.device)
+                    ptx_position += 1
+                with accelerator.accumulate(model), accelerator.autocast():
+                    loss, micro_stats = micro_batch_loss(model, {k: v[idx] for k, v in batch.items()}, args, context,
+                                                         ptx)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if ema is not None and accelerator.sync_gradients:  # after each real optimizer step
+                    with zero3_gathered(accelerator, trainable_parameters(actor)):
+                        ema_update(ema, trainable_state(actor, cpu=False), args.ema_decay)
+                for key, value in micro_stats.items():
+                    stats.setdefault(key, []).append(value.detach().float())
+    return stats, ptx_position
+
+
+def iteration_metrics(accelerator, stats: dict, kl, logprobs, non_score_reward, scores, shaped, sample,
+                      stop_token_id: int) -> dict:
+    """This iteration's rollout and update statistics, averaged over processes (counts summed)."""
+    mean = lambda values: torch.stack(values).mean()  # noqa: E731
+    local = {
+        "objective/kl": kl.sum(1).mean(),
+        "objective/entropy": (-logprobs).sum(1).mean(),
+        "objective/non_score_reward": non_score_reward.sum(1).mean(),
+        "objective/rlhf_reward": (shaped + non_score_reward.sum(1)).mean(),
+        "objective/scores": scores.mean(),
+        "policy/approxkl_avg": mean(stats["approxkl"]),
+        "policy/clipfrac_avg": mean(stats["clipfrac"]),
+        "loss/policy_avg": mean(stats["pg_loss"]),
+        "loss/value_avg": mean(stats["vf_loss"]),
+        "val/clipfrac_avg": mean(stats["vf_clipfrac"]),
+        "policy/entropy_avg": mean(stats["entropy"]),
+        "val/ratio": mean(stats["ratio"]),
+        "val/ratio_var": torch.stack(stats["ratio"]).var() if len(stats["ratio"]) > 1 else torch.tensor(0.0),
+        "val/num_eos_tokens": ((sample.responses == stop_token_id) & sample.response_mask.bool()).sum().float(),
+        "response_length_avg": sample.response_mask.sum(1).float().mean(),
+    }
+    if "ptx_loss" in stats:
+        local["loss/ptx_avg"] = mean(stats["ptx_loss"])
+    names = list(local)
+    reduced = accelerator.reduce(torch.stack([local[n].to(accelerator.device).float() for n in names]), "mean")
+    metrics = dict(zip(names, reduced.tolist()))
+    metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed over processes
+    return metrics
+
+
+def log_samples(tokenizer, sample, raw_scores, step: int, count: int) -> None:
+    for i in range(min(count, len(sample))):
+        prompt = tokenizer.decode(sample.queries[i][sample.query_mask[i].bool()], skip_special_tokens=True)
+        answer = tokenizer.decode(sample.responses[i][sample.response_mask[i].bool()], skip_special_tokens=True)
+        logger.info(f"sample at step {step} (score {raw_scores[i].item():.3f}):\n...{prompt[-200:]!s}\n>>> {answer}")
+
+
+@common.exit_on_user_error
+def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelConfig) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    paths = validate(args, model_args)
+    accelerator = make_accelerator(args)
+    resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    run = setup(data_args, args, model_args, paths, accelerator)
+    model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
+    kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
+    score_moments = RunningMoments()
+    ema = initial_ema(accelerator, unwrapped, args.ema_decay)
+    step, ptx_position = 0, 0  # ptx_position: PTX micro-batches consumed so far (the same count on every process)
+    if resume:
+        state = load_checkpoint(resume, accelerator, model, optimizer, scheduler, ema)
+        step, ptx_position = state["step"], state.get("ptx_position", 0)
+        kl_controller.value = state["kl_coef"]
+        score_moments.__dict__.update(state["score_moments"])
+        logger.info(f"resumed from {resume} at step {step}")
+    if step >= args.max_steps:
+        logger.info(f"already at step {step} of --max_steps {args.max_steps}")
+    metrics_file = start_metrics_file(accelerator, args, step, bool(resume))
+
+    device, stop_token_id = accelerator.device, run.generation_config.eos_token_id
     stop = StopRequested()
     history, last_checkpoint = [], resume
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="PPO")
-    device = accelerator.device
     while step < args.max_steps:
         started = time.perf_counter()
-        # --- 1. rollout ---------------------------------------------------------------------------------------
-        queries, query_mask = left_pad(prompt_batch(step), tokenizer.pad_token_id, device)
+        # --- 1. rollout: the current policy answers this step's prompts ------------------------------------------
+        queries, query_mask = rollout.left_pad(run.prompt_batch(step), run.tokenizer.pad_token_id, device)
         unwrapped.eval()
         with gathered_for_generation(model, accelerator, args.gather_for_generation):
-            raw = generate_responses(unwrapped.actor, queries, query_mask, args, stop_token_id,
-                                     tokenizer.pad_token_id)
-        responses, response_mask, has_stop = truncate_after_stop(raw, stop_token_id, tokenizer.pad_token_id)
-        rollout = dict(queries=queries, responses=responses, response_mask=response_mask, has_stop=has_stop,
-                       input_ids=torch.cat([queries, responses], 1), attention_mask=torch.cat([query_mask,
-                                                                                               response_mask], 1))
+            sample = rollout.generate_rollout(unwrapped.actor, queries, query_mask, run.generation_config,
+                                              args.generation_batch_size)
         generated = time.perf_counter()
 
-        # --- 2. scoring ---------------------------------------------------------------------------------------
-        scored = score_rollout(unwrapped, reference, reward, rollout, args, tokenizer, reward_tokenizer,
-                               accelerator)
-        mask = response_mask.float()
-        raw_scores = scored["scores"]
-        scores = raw_scores.clone()
-        if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * (~has_stop).float()
-        if args.score_clip is not None:
-            scores = scores.clamp(-args.score_clip, args.score_clip)
-        scores_before_normalising = scores
-        if args.normalize_scores:
-            score_moments.update(accelerator.gather(scores))
-            scores = (scores - score_moments.mean) / score_moments.std
+        # --- 2. score: log-probs under actor and reference, the critic's values, the reward model's scores -------
+        scored = rollout.score_rollout(sample, unwrapped.actor, run.reference, unwrapped.critic, run.reward_fn,
+                                       args.temperature, args.generation_batch_size, accelerator.autocast)
+        scores, shaped = shape_scores(scored["scores"], sample.has_stop, args, score_moments, accelerator)
 
-        # --- 3. rewards and advantages ------------------------------------------------------------------------
-        logprobs, ref_logprobs = scored["logprobs"] * mask, scored["ref_logprobs"] * mask
-        values = scored["values"] * mask
+        # --- 3. advantages: a KL penalty per token, the score at the last one, then GAE --------------------------
+        mask = sample.response_mask.float()
+        logprobs, ref_logprobs, values = (scored[k] * mask for k in ("logprobs", "ref_logprobs", "values"))
         kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator) * mask
         non_score_reward = -kl_controller.value * kl
-        rewards = non_score_reward.clone()
-        last = last_token_index(response_mask)
-        rewards[torch.arange(len(rewards), device=device), last] += scores
-        # Whitening statistics over all processes' rollouts, so N processes do the math of one with N batches.
-        sum_all = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
-        if args.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, sum_all=sum_all)
-        advantages = compute_gae(rewards, values, args.gamma, args.lam) * mask
-        returns = advantages + values
-        advantages = masked_whiten(advantages, mask, sum_all=sum_all)
+        advantages, returns = advantages_and_returns(non_score_reward, shaped, values, sample.response_mask, args,
+                                                     accelerator)
         scored_at = time.perf_counter()
 
-        # --- 4. update ----------------------------------------------------------------------------------------
+        # --- 4. update: clipped policy and value losses, num_ppo_epochs passes over the rollout -------------------
         unwrapped.train()
-        stats = {}
-        mini_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        context = queries.shape[1]
-        batch = dict(input_ids=rollout["input_ids"], attention_mask=rollout["attention_mask"], responses=responses,
+        batch = dict(input_ids=sample.input_ids, attention_mask=sample.attention_mask, responses=sample.responses,
                      logprobs=logprobs, values=values, advantages=advantages, returns=returns, mask=mask)
-        for _ in range(args.num_ppo_epochs):
-            order = torch.randperm(args.local_rollout_batch_size)
-            for mini in chunks(args.local_rollout_batch_size, mini_size):
-                for micro in chunks(mini.stop - mini.start, args.per_device_train_batch_size):
-                    idx = order[mini][micro].to(device)
-                    ptx = None
-                    if args.ptx_coef:
-                        ptx = left_pad(ptx_batch(ptx_position), tokenizer.pad_token_id, device)
-                        ptx_position += 1
-                    with accelerator.accumulate(model), accelerator.autocast():
-                        loss, micro_stats = micro_batch_loss(model, {k: v[idx] for k, v in batch.items()}, args,
-                                                             context, ptx)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad()
-                    if ema is not None and accelerator.sync_gradients:  # after each real optimizer step
-                        with zero3_gathered(accelerator, trainable_parameters(unwrapped.actor)):
-                            ema_update(ema, trainable_state(unwrapped.actor, cpu=False), args.ema_decay)
-                    for key, value in micro_stats.items():
-                        stats.setdefault(key, []).append(value.detach().float())
+        stats, ptx_position = ppo_update(run, batch, args, sample.context, ema, ptx_position)
         learning_rates = scheduler.get_last_lr()  # the rates this iteration used, for the metrics
         scheduler.step()
         step += 1
         if args.adaptive_kl:
-            kl_controller.update(accelerator.reduce(kl.sum(1).mean(), "mean").item(), global_batch)
+            kl_controller.update(accelerator.reduce(kl.sum(1).mean(), "mean").item(), run.global_batch)
         updated = time.perf_counter()
 
-        # --- metrics, samples, checkpoint -------------------------------------------------------------------------
-        local = {
-            "objective/kl": kl.sum(1).mean(),
-            "objective/entropy": (-logprobs).sum(1).mean(),
-            "objective/non_score_reward": non_score_reward.sum(1).mean(),
-            "objective/rlhf_reward": (scores + non_score_reward.sum(1)).mean(),
-            "objective/scores": scores_before_normalising.mean(),
-            "policy/approxkl_avg": torch.stack(stats["approxkl"]).mean(),
-            "policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean(),
-            "loss/policy_avg": torch.stack(stats["pg_loss"]).mean(),
-            "loss/value_avg": torch.stack(stats["vf_loss"]).mean(),
-            "val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean(),
-            "policy/entropy_avg": torch.stack(stats["entropy"]).mean(),
-            "val/ratio": torch.stack(stats["ratio"]).mean(),
-            "val/ratio_var": torch.stack(stats["ratio"]).var() if len(stats["ratio"]) > 1 else torch.tensor(0.0),
-            "val/num_eos_tokens": (responses == stop_token_id).logical_and(response_mask.bool()).sum().float(),
-            "response_length_avg": response_mask.sum(1).float().mean(),
-        }
-        if args.ptx_coef:
-            local["loss/ptx_avg"] = torch.stack(stats["ptx_loss"]).mean()
-        names = list(local)
-        reduced = accelerator.reduce(torch.stack([local[n].to(device).float() for n in names]), "mean")
-        metrics = {"step": step, "episode": step * global_batch, **dict(zip(names, reduced.tolist()))}
-        metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed over processes
-        metrics.update({"lr": learning_rates[0], "critic_lr": learning_rates[1],
-                        "objective/kl_coef": kl_controller.value,
-                        "time/generation_s": generated - started, "time/scoring_s": scored_at - generated,
-                        "time/update_s": updated - scored_at,
-                        "tokens_per_s": metrics["response_length_avg"] * global_batch / (updated - started),
-                        "memory/peak_gb": peak_memory_gb()})
+        # --- 5. log and save --------------------------------------------------------------------------------------
+        metrics = {"step": step, "episode": step * run.global_batch,
+                   **iteration_metrics(accelerator, stats, kl, logprobs, non_score_reward, scores, shaped, sample,
+                                       stop_token_id),
+                   "lr": learning_rates[0], "critic_lr": learning_rates[1], "objective/kl_coef": kl_controller.value,
+                   "time/generation_s": generated - started, "time/scoring_s": scored_at - generated,
+                   "time/update_s": updated - scored_at, "memory/peak_gb": peak_memory_gb()}
+        metrics["tokens_per_s"] = metrics["response_length_avg"] * run.global_batch / (updated - started)
         bad = [k for k in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg")
                if not math.isfinite(metrics[k])]
         if bad:
@@ -1086,18 +961,14 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         progress.update(1)
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
-            for i in range(min(args.num_samples, len(queries))):
-                prompt = tokenizer.decode(queries[i][query_mask[i].bool()], skip_special_tokens=True)
-                answer = tokenizer.decode(responses[i][response_mask[i].bool()], skip_special_tokens=True)
-                logger.info(f"sample at step {step} (score {raw_scores[i].item():.3f}):\n...{prompt[-200:]!s}"
-                            f"\n>>> {answer}")
-
+            log_samples(run.tokenizer, sample, scored["scores"], step, args.num_samples)
         stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item() > 0
         if step % args.save_steps == 0 or stop_now:
             state = {"step": step, "kl_coef": kl_controller.value, "score_moments": vars(score_moments),
-                     "data_position": step * global_batch, "ptx_position": ptx_position,
+                     "data_position": step * run.global_batch, "ptx_position": ptx_position,
                      "max_steps": args.max_steps}
-            last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, state, args, tokenizer, ema)
+            last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, state, args, run.tokenizer,
+                                              ema)
         if stop_now:
             progress.close()
             accelerator.print(f"stopped at step {step} on request; resume with --resume_from_checkpoint "
@@ -1108,7 +979,7 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
     progress.close()
     stop.restore()
 
-    save_final(accelerator, model, args, data_args, model_args, tokenizer, paths, ema)
+    save_final(accelerator, model, args, data_args, model_args, run.tokenizer, paths, ema)
     if accelerator.is_main_process:
         plots.plot_ppo(args.output_dir)  # OUTPUT_DIR/ppo_curves.png from metrics.jsonl
     if history:
@@ -1122,8 +993,6 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
 def gathered_for_generation(model, accelerator, gather: bool):
     """Under ZeRO-3 the actor's parameters are sharded: gather them once for the whole generate() call (otherwise
     every new token would gather every layer). A no-op for other setups, or with --gather_for_generation false."""
-    import contextlib
-
     if not gather:
         return contextlib.nullcontext()
     return zero3_gathered(accelerator, accelerator.unwrap_model(model).actor.parameters())

@@ -9,12 +9,15 @@ Each step runs `accelerate launch --config_file ACCELERATE_CONFIG <step>.py --co
 with its output folder OUTPUT_DIR/<step> and the previous steps' outputs wired in; the per-step extra arguments come
 last, so they override anything. A step that finished writes OUTPUT_DIR/<step>/step_complete.json (its metrics and
 duration) and is skipped on re-run (unless --force); a step that was interrupted resumes from its newest complete
-checkpoint. Logs: OUTPUT_DIR/logs/<step>.log, also streamed here with the step's name. Charts: OUTPUT_DIR/plots/.
+checkpoint. A finished step that runs again is built beside the old one, in OUTPUT_DIR/<step>.new, and swapped in only
+once it finished: a mistake never costs the finished outputs. Every chosen step's arguments are validated before the
+first step starts. Logs: OUTPUT_DIR/logs/<step>.log, also streamed here with the step's name. Charts: OUTPUT_DIR/plots/.
 At the end a summary table, also in OUTPUT_DIR/summary.json.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
@@ -57,7 +60,8 @@ class TrainArguments:
     reward_args: str = field(default="", metadata={"help": "Extra arguments for reward.py."})
     ppo_args: str = field(default="", metadata={"help": "Extra arguments for ppo.py, e.g. \"--max_steps 80\"."})
     force: bool = field(default=False, metadata={
-        "help": "Re-run the chosen steps from scratch even if they finished (their folders are emptied first)."})
+        "help": "Re-run the chosen steps from scratch even if they finished; each is built in OUTPUT_DIR/<step>.new "
+                "and replaces the old folder only once it finished."})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,15 +123,17 @@ def check_inputs(args: TrainArguments, root: Path, extra: dict[str, list[str]]) 
                                        f"`{flag} PATH` in --{name}_args")
 
 
-def step_command(args: TrainArguments, name: str, root: Path, extra: dict[str, list[str]], resume: bool) -> list[str]:
-    """The launch command of one step: launcher, script, recipe, output folder, wiring, resume, the user's extras."""
+def step_command(args: TrainArguments, name: str, root: Path, extra: dict[str, list[str]], resume: bool,
+                 output_dir: Path | None = None, overwrite: bool = False) -> list[str]:
+    """The launch command of one step: launcher, script, recipe, output folder (default OUTPUT_DIR/<step>), wiring,
+    resume or overwrite, the user's extras."""
     if args.accelerate_config == "none":
         launcher = [sys.executable]
     else:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                     str(Path(args.accelerate_config).resolve())]
     command = launcher + [str(ROOT / SCRIPTS[name]), "--config", str(ROOT / "recipes" / args.preset / f"{name}.yaml"),
-                          "--output_dir", str(root / name)]
+                          "--output_dir", str(output_dir or root / name)]
     for step, flag in step_inputs(args, name, extra):
         command += [flag, str(final_output(root / step))]  # steps move their final model in last: it is complete
     if name == "reward" and reward_choice(args) not in ("sft", "recipe"):
@@ -136,7 +142,34 @@ def step_command(args: TrainArguments, name: str, root: Path, extra: dict[str, l
                                                                      ["--use_peft", "true"])
     if resume:
         command += ["--resume_from_checkpoint", "true"]
+    if overwrite:
+        command += ["--overwrite_output_dir", "true"]
     return command + extra[name]
+
+
+def step_arguments(name: str) -> tuple:
+    """The argument dataclasses of a step's script (imported here only to validate, not to run)."""
+    if name == "ppo":
+        from trl import ModelConfig
+
+        from ppo import PPOArguments
+
+        return (common.DataArguments, PPOArguments, ModelConfig)
+    return importlib.import_module(name).ARGUMENTS
+
+
+def validate_steps(args: TrainArguments, root: Path, extra: dict[str, list[str]]) -> None:
+    """Before any step runs: every chosen step's full arguments (recipe, wiring, extras) pass the steps' validation
+    layer, so that a typo in --ppo_args fails now, not after hours of SFT. Paths are not checked here: the earlier
+    steps have not made them yet."""
+    for number in sorted(set(args.steps)):
+        name = STEP_NAMES[number]
+        command = step_command(args, name, root, extra, resume=False)
+        argv = command[command.index(str(ROOT / SCRIPTS[name])) + 1:]
+        try:
+            common.validate_args(step_arguments(name), argv, check_paths=False)
+        except common.UserError as error:
+            raise common.UserError(f"step {number} ({name}): {error}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,48 +256,75 @@ def print_summary(rows: list[dict]) -> None:
                          r["output"]) for r in rows])
 
 
+def is_finished(folder: Path) -> bool:
+    return (folder / DONE_FILE).exists()
+
+
+def later_finished_steps(root: Path, number: int, chosen: list[int]) -> list[str]:
+    """Finished steps after step `number` that this run does not redo: they were trained on its previous output."""
+    return [step for later, step in STEP_NAMES.items()
+            if later > number and later not in chosen and is_finished(root / step)]
+
+
 @common.exit_on_user_error
 def main(args: TrainArguments) -> list[dict]:
     extra = validate(args)
     root = Path(args.output_dir or f"out/{args.preset}").resolve()  # the steps run from the project root
+    common.check_output_writable(root, "--output_dir")
     check_inputs(args, root, extra)
+    validate_steps(args, root, extra)
     summary, rerun_from = [], None
     for number in sorted(set(args.steps)):
         name = STEP_NAMES[number]
         folder = root / name
+        common.finish_interrupted_swap(folder, ready=is_finished)
         done_file = folder / DONE_FILE
+        again = args.force or rerun_from is not None
         if done_file.exists() and rerun_from is not None:
             # Its inputs were just made again: what it finished before was trained on the old ones.
             print(f"[{name}] running again from scratch: step {rerun_from} before it was re-run", flush=True)
-        if (args.force or rerun_from is not None) and folder.exists():
-            shutil.rmtree(folder)
-        if done_file.exists():
+        if done_file.exists() and not again:
             done = json.loads(done_file.read_text())
             print(f"[{name}] skipped: finished before ({done_file}); --force runs it again", flush=True)
             summary.append({**done, "status": "skipped", "plot": collect_plot(name, folder, root / "plots")})
             continue
-        checkpoint = common.newest_complete_checkpoint(folder)
-        command = step_command(args, name, root, extra, resume=checkpoint is not None)
+        # Run again, the step is built beside the old folder and swapped in once it finished. An earlier attempt
+        # there is resumed when it has a checkpoint, unless an earlier step was just re-made (then it is stale).
+        target = root / f"{name}.new" if again and folder.exists() else folder
+        if target != folder and (rerun_from is not None or common.newest_complete_checkpoint(target) is None):
+            shutil.rmtree(target, ignore_errors=True)
+        checkpoint = common.newest_complete_checkpoint(target)
+        # Outputs of an attempt killed before its first checkpoint: replaced (deleted once this run finished).
+        leftovers = checkpoint is None and bool(common.run_contents(target))
+        command = step_command(args, name, root, extra, resume=checkpoint is not None, output_dir=target,
+                               overwrite=leftovers)
         if checkpoint:
             print(f"[{name}] resuming the interrupted step from {checkpoint}", flush=True)
         print(f"[{name}] step {number}: {shlex.join(command)}", flush=True)
         started = time.time()
         code, tail = run_step(name, command, root / "logs" / f"{name}.log")
         duration = time.time() - started
-        if code == 0 and final_output(folder) is None:
+        if code == 0 and final_output(target) is None:
             code = 1  # e.g. ppo.py stopped on a signal after a checkpoint: it exits 0 but did not finish
-            tail.append(f"(step {name} exited 0 without writing its final model to {folder})")
+            tail.append(f"(step {name} exited 0 without writing its final model to {target})")
         if code != 0:
+            if target != folder and common.newest_complete_checkpoint(target) is None:
+                shutil.rmtree(target, ignore_errors=True)  # nothing to resume: leave only the untouched old folder
             print(f"\nerror: step {number} ({name}) failed with exit code {code}; the last {len(tail)} lines of "
                   f"{root / 'logs' / f'{name}.log'}:", file=sys.stderr)
             print("\n".join(f"  {line}" for line in tail), file=sys.stderr, flush=True)
             sys.exit(code)
-        record = {"step": name, "duration_s": round(duration, 1), "metrics": step_metrics(name, folder),
-                  "output": str(final_output(folder)), "command": command,
+        record = {"step": name, "duration_s": round(duration, 1), "metrics": step_metrics(name, target),
+                  "output": str(folder / final_output(target).relative_to(target)), "command": command,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        common.write_json(done_file, record)  # written last: its presence means the step finished
+        common.write_json(target / DONE_FILE, record)  # written last: its presence means the step finished
+        if target != folder:
+            common.swap_in(target, folder)
         summary.append({**record, "status": "ran", "plot": collect_plot(name, folder, root / "plots")})
         rerun_from = rerun_from or name
+        for stale in later_finished_steps(root, number, args.steps):
+            print(f"[{name}] note: {stale} was trained on the previous {name} output; add its step to --steps to "
+                  "train it again", flush=True)
 
     print_summary(summary)
     common.write_json(root / "summary.json", {"preset": args.preset, "output_dir": str(root), "steps": summary})
@@ -273,6 +333,4 @@ def main(args: TrainArguments) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from transformers import HfArgumentParser
-
-    main(HfArgumentParser(TrainArguments).parse_args_into_dataclasses()[0])
+    main(common.parse_args((TrainArguments,))[0])

@@ -21,6 +21,7 @@ from conftest import ROOT, accelerate_script, python_script, run
 
 import common
 import ppo
+import rollout
 
 # Small enough that a run of a few iterations takes seconds on two CPU cores.
 TINY = ["--dataset_name", "builtin:synthetic", "--max_prompt_length", "64", "--response_length", "8",
@@ -105,7 +106,6 @@ def test_demo_recipe_raises_the_score_and_the_outputs_load_back(env, demo_models
 def test_first_iteration_invariants_with_lora(env, demo_models):
     """KL 0 against the reference, generate()'s log-probs == scoring's, reference == SFT policy, reward from the
     critic's backbone with its adapter off == standalone reward model, left padding changes nothing."""
-    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
     from trl import ModelConfig
 
@@ -121,7 +121,7 @@ def test_first_iteration_invariants_with_lora(env, demo_models):
     assert model.critic.get_base_model().model is model.critic.base_model.model.model
 
     prompts = [row["prompt"] for row in common.synthetic_preference_rows(4, seed=5)]
-    queries, query_mask = ppo.left_pad([tokenizer(p)["input_ids"][-40:] for p in prompts],
+    queries, query_mask = rollout.left_pad([tokenizer(p)["input_ids"][-40:] for p in prompts],
                                        tokenizer.pad_token_id, "cpu")
     assert (query_mask == 0).any()  # the batch really is left-padded
     torch.manual_seed(0)
@@ -131,11 +131,14 @@ def test_first_iteration_invariants_with_lora(env, demo_models):
             pad_token_id=tokenizer.pad_token_id), output_logits=True, return_dict_in_generate=True)
     raw = out.sequences[:, queries.shape[1]:]
     raw = torch.nn.functional.pad(raw, (0, 8 - raw.shape[1]), value=tokenizer.pad_token_id)
-    responses, response_mask, has_stop = ppo.truncate_after_stop(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    rollout = dict(queries=queries, responses=responses, response_mask=response_mask, has_stop=has_stop,
-                   input_ids=torch.cat([queries, responses], 1), attention_mask=torch.cat([query_mask, response_mask], 1))
-    accelerator = Accelerator(cpu=True)
-    scored = ppo.score_rollout(model, None, None, rollout, args, tokenizer, tokenizer, accelerator)
+    responses, response_mask, has_stop = rollout.truncate_after_stop(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    sample = rollout.Rollout(queries, query_mask, responses, response_mask, has_stop)
+    reward_fn = rollout.reward_function(model.critic, tokenizer, tokenizer, adapter_off=True)
+
+    def score():
+        return rollout.score_rollout(sample, model.actor, None, model.critic, reward_fn, 0.7, batch_size=4)
+
+    scored = score()
     mask = response_mask.bool()
 
     kl = ppo.kl_per_token(scored["logprobs"], scored["ref_logprobs"])[mask]
@@ -150,14 +153,14 @@ def test_first_iteration_invariants_with_lora(env, demo_models):
     sft_model = AutoModelForCausalLM.from_pretrained(sft).eval()
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path).eval()
     for i in range(len(prompts)):
-        ids = rollout["input_ids"][i][rollout["attention_mask"][i].bool()].unsqueeze(0)  # unpadded
+        ids = sample.input_ids[i][sample.attention_mask[i].bool()].unsqueeze(0)  # unpadded
         n = int(response_mask[i].sum())
         with torch.no_grad():
             logits = sft_model(ids).logits[0, -n - 1:-1] / 0.7
             expected = torch.log_softmax(logits, -1).gather(1, ids[0, -n:, None]).squeeze(1)
             assert torch.allclose(scored["ref_logprobs"][i, :n], expected, atol=1e-4)
             assert torch.allclose(scored["scores"][i], reward_model(ids).logits[0, 0], atol=1e-4)
-            unpadded_values = ppo.per_token_scores(model.critic, ids, torch.ones_like(ids))[0, -n - 1:-1]
+            unpadded_values = rollout.per_token_scores(model.critic, ids, torch.ones_like(ids))[0, -n - 1:-1]
             assert torch.allclose(scored["values"][i, :n], unpadded_values, atol=1e-4)
 
     # Training the critic (its LoRA and its copy of the head) must leave the reward model untouched.
@@ -165,7 +168,7 @@ def test_first_iteration_invariants_with_lora(env, demo_models):
         for param in model.critic.parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
-    rescored = ppo.score_rollout(model, None, None, rollout, args, tokenizer, tokenizer, accelerator)
+    rescored = score()
     assert torch.allclose(rescored["scores"], scored["scores"], atol=1e-5)
     assert not torch.allclose(rescored["values"], scored["values"], atol=1e-3)
 
@@ -428,8 +431,9 @@ def test_reward_model_with_another_tokenizer_scores_the_decoded_text(env, demo_m
     reward_tokenizer.save_pretrained(reward_dir)
 
     rollouts = []
-    score = ppo.score_rollout
-    monkeypatch.setattr(ppo, "score_rollout", lambda *a, **k: rollouts.append((a[3], score(*a, **k))) or rollouts[-1][1])
+    score = rollout.score_rollout
+    monkeypatch.setattr(rollout, "score_rollout",
+                        lambda *a, **k: rollouts.append((a[0], score(*a, **k))) or rollouts[-1][1])
     history, built = ppo_main(demo_models, tmp_path / "ppo", "--reward_model_path", reward_dir,
                               monkeypatch=monkeypatch)
     assert [m["step"] for m in history] == [1, 2] and len(rollouts) == 2
@@ -437,11 +441,11 @@ def test_reward_model_with_another_tokenizer_scores_the_decoded_text(env, demo_m
 
     tokenizer = common.load_tokenizer(sft)
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
-    for rollout, scored in rollouts:
-        for i in range(len(rollout["queries"])):
-            ids = rollout["input_ids"][i][rollout["attention_mask"][i].bool()]
+    for sample, scored in rollouts:
+        for i in range(len(sample)):
+            ids = sample.input_ids[i][sample.attention_mask[i].bool()]
             direct = reward_tokenizer(tokenizer.decode(ids, skip_special_tokens=True))["input_ids"]
-            direct += [reward_tokenizer.eos_token_id] if rollout["has_stop"][i] else []
+            direct += [reward_tokenizer.eos_token_id] if sample.has_stop[i] else []
             with torch.no_grad():
                 expected = reward_model(torch.tensor([direct])).logits[0, 0]
             assert torch.allclose(scored["scores"][i], expected, atol=1e-4)
@@ -518,7 +522,7 @@ def test_ptx_adds_ptx_coef_times_the_lm_gradient_to_the_actor_gradient(env, demo
                 param.normal_(0, 0.05)
 
     rows = common.synthetic_preference_rows(6, seed=11)
-    queries, query_mask = ppo.left_pad([tokenizer(r["prompt"])["input_ids"][-20:] for r in rows[:3]],
+    queries, query_mask = rollout.left_pad([tokenizer(r["prompt"])["input_ids"][-20:] for r in rows[:3]],
                                        tokenizer.pad_token_id, "cpu")
     generator = torch.Generator().manual_seed(0)
     responses = torch.randint(3, len(tokenizer), (3, 6), generator=generator)
@@ -528,7 +532,7 @@ def test_ptx_adds_ptx_coef_times_the_lm_gradient_to_the_actor_gradient(env, demo
                  responses=responses, mask=mask, logprobs=-torch.rand(3, 6, generator=generator) * 5,
                  values=torch.randn(3, 6, generator=generator), advantages=torch.randn(3, 6, generator=generator),
                  returns=torch.randn(3, 6, generator=generator))
-    ptx = ppo.left_pad([tokenizer(r["prompt"] + r["chosen"])["input_ids"][-30:] for r in rows[3:]],
+    ptx = rollout.left_pad([tokenizer(r["prompt"] + r["chosen"])["input_ids"][-30:] for r in rows[3:]],
                        tokenizer.pad_token_id, "cpu")
     context = queries.shape[1]
 
@@ -538,11 +542,11 @@ def test_ptx_adds_ptx_coef_times_the_lm_gradient_to_the_actor_gradient(env, demo
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
     ppo_grads = gradients(ppo.micro_batch_loss(model, batch, args, context)[0])
-    lm_grads = gradients(ppo.lm_loss(ppo.policy_logits(model.actor, *ptx), *ptx))
+    lm_grads = gradients(ppo.lm_loss(rollout.policy_logits(model.actor, *ptx), *ptx))
     coef = 0.7
     total, stats = ppo.micro_batch_loss(model, batch, replace(args, ptx_coef=coef), context, ptx)
     total_grads = gradients(total)
-    assert stats["ptx_loss"].item() == pytest.approx(ppo.lm_loss(ppo.policy_logits(model.actor, *ptx), *ptx).item())
+    assert stats["ptx_loss"].item() == pytest.approx(ppo.lm_loss(rollout.policy_logits(model.actor, *ptx), *ptx).item())
     actor = [n for n in total_grads if n.startswith("actor.")]
     assert actor and all(lm_grads[n].abs().max() > 1e-6 for n in actor)  # the LM loss does reach every LoRA tensor
     for name in actor:

@@ -1,4 +1,4 @@
-"""Unit tests of ppo.py's pure helpers, against plain Python loops and hand-computed values."""
+"""Unit tests of ppo.py's and rollout.py's pure helpers, against plain Python loops and hand-computed values."""
 
 import math
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ppo
+import rollout
 
 
 def test_masked_mean_var_whiten_ignore_masked_entries():
@@ -89,24 +90,24 @@ def test_clipped_value_loss_by_hand():
 def test_truncate_after_stop_and_scored_token():
     eos, pad = 2, 0
     responses = torch.tensor([[5, 6, 2, 7, 8], [5, 2, 2, 9, 9], [5, 6, 7, 8, 9]])
-    truncated, mask, has_stop = ppo.truncate_after_stop(responses, eos, pad)
+    truncated, mask, has_stop = rollout.truncate_after_stop(responses, eos, pad)
     assert truncated.tolist() == [[5, 6, 2, 0, 0], [5, 2, 0, 0, 0], [5, 6, 7, 8, 9]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert has_stop.tolist() == [True, True, False]
-    assert ppo.last_token_index(mask).tolist() == [2, 1, 4]
+    assert rollout.last_token_index(mask).tolist() == [2, 1, 4]
     # pad == eos (as with many tokenizers): the mask still comes from the first stop
-    truncated, mask, _ = ppo.truncate_after_stop(torch.tensor([[5, 2, 2, 2]]), 2, 2)
+    truncated, mask, _ = rollout.truncate_after_stop(torch.tensor([[5, 2, 2, 2]]), 2, 2)
     assert mask.tolist() == [[1, 1, 0, 0]]
 
 
 def test_position_ids_follow_the_mask():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
-    assert ppo.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+    assert rollout.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
 
 
 def test_logprobs_use_the_temperature():
     logits = torch.tensor([[[1.0, 2.0, 3.0]]])
-    got = ppo.logprobs_from_logits(logits, torch.tensor([[2]]), 0.5)
+    got = rollout.logprobs_from_logits(logits, torch.tensor([[2]]), 0.5)
     assert got.item() == pytest.approx(torch.log_softmax(logits / 0.5, -1)[0, 0, 2].item())
 
 
@@ -183,7 +184,7 @@ def test_whitening_across_two_processes_equals_one_process_over_the_whole_batch(
 
 
 class _SameTokenizer:
-    """Enough of a tokenizer for reward_scores' same-tokenizer check."""
+    """Enough of a tokenizer for reward_function's same-tokenizer check."""
 
     eos_token_id = 2
 
@@ -206,11 +207,11 @@ def test_reward_score_is_read_where_the_sequence_classifier_read_it_in_training(
     # row 0: left-padded prompt, stopped answer; row 1: answer that did not stop
     queries = torch.tensor([[pad, 5, 6], [7, 8, 9]])
     query_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    responses, response_mask, _ = ppo.truncate_after_stop(torch.tensor([[10, 11, eos, 12], [13, 14, 15, 16]]), eos,
+    responses, response_mask, has_stop = rollout.truncate_after_stop(torch.tensor([[10, 11, eos, 12], [13, 14, 15, 16]]), eos,
                                                           pad)
-    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    batch = rollout.Rollout(queries, query_mask, responses, response_mask, has_stop)
     with torch.no_grad():
-        got = ppo.reward_scores(model, False, ids, mask, None, None, _SameTokenizer(), _SameTokenizer())
+        got = rollout.reward_function(model, _SameTokenizer(), _SameTokenizer())(batch)
         expected = [model(torch.tensor([[5, 6, 10, 11, eos]])).logits[0, 0],  # as RewardTrainer scored it
                     model(torch.tensor([[7, 8, 9, 13, 14, 15, 16]])).logits[0, 0]]
     assert torch.allclose(got, torch.stack(expected), atol=1e-5)
@@ -228,15 +229,15 @@ def test_generation_samples_as_the_arguments_say_not_as_the_model_generation_con
     actor = OPTForCausalLM(config).eval()
     actor.generation_config.top_k = 1  # a checkpoint's default: greedy in effect
     actor.generation_config.repetition_penalty = 100.0
-    args = ppo.PPOArguments(response_length=6, temperature=1.0, top_k=0, top_p=1.0, generation_batch_size=8)
+    config = rollout.sampling_config(6, temperature=1.0, top_k=0, top_p=1.0, stop_token_id=2, pad_token_id=0)
     queries = torch.tensor([[5, 6, 7]] * 8)
-    responses = ppo.generate_responses(actor, queries, torch.ones_like(queries), args, 2, 0)
+    responses = rollout.generate_responses(actor, queries, torch.ones_like(queries), config, batch_size=8)
     assert len({tuple(r) for r in responses.tolist()}) > 1, "sampling was greedy: the model's top_k was used"
 
 
 def test_shard_of_shuffle_gives_processes_disjoint_slices_and_covers_a_pass():
     rows = list(range(24))
-    first_pass = [ppo.shard_of_shuffle(rows, 3, position, 5, 2, process) for position in range(4) for process in (0, 1)]
+    first_pass = [rollout.shard_of_shuffle(rows, 3, position, 5, 2, process) for position in range(4) for process in (0, 1)]
     assert sorted(sum(first_pass, [])) == rows  # one pass: every row once, no process sees another's rows
-    assert ppo.shard_of_shuffle(rows, 3, 2, 5, 2, 1) == first_pass[5]  # a pure function of the position
-    assert ppo.shard_of_shuffle(rows, 3, 4, 5, 2, 0) != first_pass[0]  # the next pass is shuffled afresh
+    assert rollout.shard_of_shuffle(rows, 3, 2, 5, 2, 1) == first_pass[5]  # a pure function of the position
+    assert rollout.shard_of_shuffle(rows, 3, 4, 5, 2, 0) != first_pass[0]  # the next pass is shuffled afresh

@@ -1,0 +1,300 @@
+"""Generation and scoring: what ppo.py, evaluate.py, chat.py and bench/ share.
+
+    batch = rollout.generate_rollout(actor, queries, query_mask, config, batch_size=8)   # sample answers
+    reward_fn = rollout.reward_function(reward_model, tokenizer, reward_tokenizer)     # decided once, at setup
+    scored = rollout.score_rollout(batch, actor, reference, critic, reward_fn, temperature=0.7, batch_size=8)
+
+Every function takes explicit tensors and numbers (no argument objects). Conventions:
+- prompts are left-padded (`left_pad`), responses right-padded to a fixed length; the sequence a model reads is
+  `[queries | responses]`, and position ids count real tokens only, so padding changes nothing;
+- the log-prob of response token t is read from the logits at position context - 1 + t (position t predicts t+1),
+  under the sampling temperature, over the full vocabulary (top-k / top-p only shape what is sampled);
+- a value is read at every response position (the state before each token), a reward score at the last real token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches of token ids
+# ----------------------------------------------------------------------------------------------------------------
+def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_token_id] * (width - len(s)) + s for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def shard_of_shuffle(rows: list, batch_size: int, position: int, seed: int, num_processes: int,
+                     process_index: int) -> list:
+    """This process's `batch_size` rows of the position-th global batch: a pure function of the position (so a
+    resumed run sees the same data), walking through a fresh seeded shuffle of the rows on each pass, with the
+    processes taking consecutive, disjoint slices."""
+    per_pass = len(rows) // (batch_size * num_processes)
+    epoch, index = divmod(position, per_pass)
+    order = np.random.RandomState(seed + epoch).permutation(len(rows))
+    start = (index * num_processes + process_index) * batch_size
+    return [rows[int(i)] for i in order[start : start + batch_size]]
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so a left-padded sequence is seen exactly as the unpadded one."""
+    return (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def truncate_after_stop(responses: torch.Tensor, stop_token_id: int, pad_token_id: int):
+    """Replace every token after the first stop token with padding; return (responses, mask, has_stop).
+
+    The mask comes from the stop position, not from `!= pad`, since pad and EOS are often the same token.
+    """
+    length = responses.shape[1]
+    is_stop = responses == stop_token_id
+    has_stop = is_stop.any(dim=1)
+    first_stop = torch.where(has_stop, is_stop.int().argmax(dim=1), torch.full_like(has_stop, length, dtype=torch.long))
+    positions = torch.arange(length, device=responses.device).unsqueeze(0)
+    mask = positions <= first_stop.unsqueeze(1)  # the stop token itself is part of the response
+    return torch.where(mask, responses, torch.full_like(responses, pad_token_id)), mask.long(), has_stop
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a 0/1 mask (the token whose score the reward model gives)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return (positions * mask).argmax(dim=1)
+
+
+@dataclass
+class Rollout:
+    """Sampled answers: left-padded prompts, right-padded responses cut after the stop token."""
+
+    queries: torch.Tensor  # (batch, context) prompt ids, left-padded
+    query_mask: torch.Tensor
+    responses: torch.Tensor  # (batch, response_length) ids, padding after the stop token
+    response_mask: torch.Tensor  # 1 up to and including the stop token
+    has_stop: torch.Tensor  # (batch,) bool: the response produced the stop token
+
+    @property
+    def context(self) -> int:
+        return self.queries.shape[1]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.queries, self.responses], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], 1)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, index) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
+def sampling_config(max_new_tokens: int, temperature: float, top_k: int, top_p: float, stop_token_id: int,
+                    pad_token_id: int, greedy: bool = False, repetition_penalty: float = 1.0):
+    """A GenerationConfig that samples exactly what the arguments say.
+
+    generate() fills every option left None from the model's generation_config (hub checkpoints ship top_k,
+    repetition_penalty, ...), then from global defaults (top_k 50): set every one that reshapes the sampling
+    distribution, so top_k 0 means all tokens and the training log-probs match what was sampled.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
+                            temperature=None if greedy else temperature, top_k=None if greedy else top_k,
+                            top_p=None if greedy else top_p, eos_token_id=stop_token_id, pad_token_id=pad_token_id,
+                            use_cache=True, min_length=0, repetition_penalty=repetition_penalty,
+                            no_repeat_ngram_size=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+
+
+@torch.no_grad()
+def generate_responses(actor, queries: torch.Tensor, query_mask: torch.Tensor, config, batch_size: int) -> torch.Tensor:
+    """Up to config.max_new_tokens sampled ids per prompt, right-padded to that length, in chunks of batch_size."""
+    length, pad_token_id = config.max_new_tokens, config.pad_token_id
+    responses = []
+    for part in chunks(len(queries), batch_size):
+        output = actor.generate(input_ids=queries[part], attention_mask=query_mask[part], generation_config=config)
+        new = output[:, queries.shape[1]:]
+        responses.append(nn.functional.pad(new, (0, length - new.shape[1]), value=pad_token_id))
+    return torch.cat(responses)
+
+
+def generate_rollout(actor, queries: torch.Tensor, query_mask: torch.Tensor, config, batch_size: int) -> Rollout:
+    """Sample answers to left-padded prompts and cut them after config.eos_token_id (the stop token)."""
+    raw = generate_responses(actor, queries, query_mask, config, batch_size)
+    responses, response_mask, has_stop = truncate_after_stop(raw, config.eos_token_id, config.pad_token_id)
+    return Rollout(queries, query_mask, responses, response_mask, has_stop)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward passes: log-probs, values, scores
+# ----------------------------------------------------------------------------------------------------------------
+def policy_logits(actor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return actor(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of `tokens` under logits scaled by the sampling temperature (as generate() sampled them)."""
+    from trl.trainer.utils import selective_log_softmax
+
+    return selective_log_softmax(logits.float() / temperature, tokens)
+
+
+def backbone_and_head(sequence_classifier):
+    """The transformer and the score head of a sequence classifier (through a PEFT wrapper)."""
+    from peft import PeftModel
+
+    model = sequence_classifier.get_base_model() if isinstance(sequence_classifier, PeftModel) else sequence_classifier
+    head = getattr(model, "score", None)
+    if head is None:
+        raise common.UserError(f"{type(model).__name__} has no `score` head; use a model whose sequence classifier "
+                               "has one (OPT, Llama, Qwen, GPT-2, ...)")
+    return getattr(model, model.base_model_prefix), head
+
+
+def head_dtype(head: nn.Module) -> torch.dtype:
+    """The dtype of the head that will run: under ZeRO-3 with bf16, PEFT's trainable copy of the score head (the
+    critic's value head) stays float32 while the backbone and the original head (the reward model's) are bf16."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if isinstance(head, ModulesToSaveWrapper) and not head.disable_adapters and head.active_adapters:
+        head = head.modules_to_save[head.active_adapters[0]]
+    return next(head.parameters()).dtype
+
+
+def per_token_scores(sequence_classifier, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score head applied at every token: the critic's values, or the reward model's score at a chosen index."""
+    backbone, head = backbone_and_head(sequence_classifier)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return head(hidden.to(head_dtype(head))).squeeze(-1).float()
+
+
+def score_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A sequence classifier's score, read at the token it read in training (reward.py: prompt + answer + EOS):
+    the last one that is not its pad id. With pad != eos that is the EOS of a stopped response; with pad == eos
+    (GPT-2-like tokenizers, where common.load_tokenizer sets pad = eos) it is the last answer token before the EOS."""
+    per_token = per_token_scores(reward_model, input_ids, attention_mask)
+    pad_token_id = reward_model.config.pad_token_id
+    read = attention_mask if pad_token_id is None else attention_mask * (input_ids != pad_token_id)
+    return per_token.gather(1, last_token_index(read).unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def response_logprobs(actor, batch: Rollout, temperature: float) -> torch.Tensor:
+    """(batch, response_length) log-probs of the sampled response tokens under `actor`, one forward pass."""
+    logits = policy_logits(actor, batch.input_ids, batch.attention_mask)[:, batch.context - 1 : -1]
+    return logprobs_from_logits(logits, batch.responses, temperature)
+
+
+@torch.no_grad()
+def response_values(critic, batch: Rollout) -> torch.Tensor:
+    """(batch, response_length) values of the states before each response token: positions context-1 .. end-1."""
+    return per_token_scores(critic, batch.input_ids, batch.attention_mask)[:, batch.context - 1 : -1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward: one scoring function, decided at setup
+# ----------------------------------------------------------------------------------------------------------------
+def same_tokenizer(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def retokenize(batch: Rollout, tokenizer, reward_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + response as text, re-tokenized for the reward model (+ its EOS where the response stopped), as
+    reward.py trained it on prompt + answer + EOS."""
+    sequences = []
+    for query, response, mask, stopped in zip(batch.queries, batch.responses, batch.response_mask, batch.has_stop):
+        text = tokenizer.decode(query, skip_special_tokens=True) + tokenizer.decode(response[mask.bool()],
+                                                                                     skip_special_tokens=True)
+        sequences.append(reward_tokenizer(text)["input_ids"] + ([reward_tokenizer.eos_token_id] if stopped else []))
+    return left_pad(sequences, reward_tokenizer.pad_token_id, batch.queries.device)
+
+
+def reward_function(reward_model, tokenizer, reward_tokenizer,
+                    adapter_off: bool = False) -> Callable[[Rollout], torch.Tensor]:
+    """The reward model's score of each sequence of a rollout, as a function of the rollout.
+
+    Decided here, once: with the policy's tokenizer the ids are read as they are; with another tokenizer the text
+    is decoded and re-tokenized. adapter_off: the reward model is a PEFT model (the critic) whose adapter must be
+    switched off to give the reward model's own score.
+    """
+    retokenized = not same_tokenizer(tokenizer, reward_tokenizer)
+
+    @torch.no_grad()
+    def scores(batch: Rollout) -> torch.Tensor:
+        if retokenized:
+            ids, mask = retokenize(batch, tokenizer, reward_tokenizer)
+        else:
+            ids, mask = batch.input_ids, batch.attention_mask
+        with reward_model.disable_adapter() if adapter_off else contextlib.nullcontext():
+            return score_at_last_token(reward_model, ids, mask)
+
+    return scores
+
+
+def check_reward_model(path: str, flag: str) -> None:
+    """The reward model must be a sequence classifier with one label (or a SEQ_CLS adapter); say so before loading."""
+    from transformers import AutoConfig
+
+    adapter_file = Path(path) / "adapter_config.json"
+    if adapter_file.exists():
+        if json.loads(adapter_file.read_text()).get("task_type") != "SEQ_CLS":
+            raise common.UserError(f"{flag} {path}: this adapter is not a sequence classifier (task_type is not "
+                                   "SEQ_CLS); give the output of reward.py")
+        return
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise common.UserError(f"{flag} {path}: could not read its config ({str(error).splitlines()[0][:200]})")
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise common.UserError(f"{flag} {path}: not a sequence classifier with one label (architectures "
+                               f"{architectures}, num_labels {config.num_labels}); give the output of reward.py")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring a rollout for PPO
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_rollout(batch: Rollout, actor, reference, critic, reward_fn: Callable[[Rollout], torch.Tensor],
+                  temperature: float, batch_size: int, autocast=contextlib.nullcontext) -> dict:
+    """Log-probs under actor and reference, the critic's values and the reward, in chunks of batch_size.
+
+    reference None means the actor with its (PEFT) adapter switched off. critic None skips the values (estimators
+    without a critic). autocast: a context factory for mixed precision (accelerator.autocast).
+    Returns a dict of (batch, response_length) tensors logprobs, ref_logprobs, values (or None) and (batch,) scores.
+    """
+    out = {"logprobs": [], "ref_logprobs": [], "values": [], "scores": []}
+    for part in chunks(len(batch), batch_size):
+        piece = batch[part]
+        with autocast():
+            out["logprobs"].append(response_logprobs(actor, piece, temperature))
+            with actor.disable_adapter() if reference is None else contextlib.nullcontext():
+                out["ref_logprobs"].append(response_logprobs(actor if reference is None else reference, piece,
+                                                             temperature))
+            if critic is not None:
+                out["values"].append(response_values(critic, piece))
+            out["scores"].append(reward_fn(piece))
+    return {key: torch.cat(value) if value else None for key, value in out.items()}

@@ -1,0 +1,27 @@
+"""On CPUs without native bf16, TRL's default bf16=True would make every training step ~10x slower: it is turned
+off unless the user asks for it."""
+
+import common
+
+
+def parse_sft(monkeypatch, tmp_path, argv, fast_bf16=False, config=None):
+    from trl import SFTConfig
+
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    if config is not None:
+        path = tmp_path / "sft.yaml"
+        path.write_text(config)
+        argv = ["--config", str(path), *argv]
+    (args,) = common.parse_args((SFTConfig,), ["--output_dir", str(tmp_path / "out"), *argv])
+    return args
+
+
+def test_bf16_off_by_default_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
+    assert parse_sft(monkeypatch, tmp_path, []).bf16 is False
+
+
+def test_bf16_kept_when_asked_or_native(monkeypatch, tmp_path):
+    assert parse_sft(monkeypatch, tmp_path, ["--bf16", "true"]).bf16 is True
+    assert parse_sft(monkeypatch, tmp_path, [], config="bf16: true\n").bf16 is True
+    assert parse_sft(monkeypatch, tmp_path, [], fast_bf16=True).bf16 is True
