@@ -71,7 +71,7 @@ def validate(args: LearningArguments) -> None:
         raise common.UserError(f"--seeds {args.seeds}: must be at least 1")
     if args.task == "smollm2-hh" and not Path(HH_DATA, "train.jsonl").exists():
         raise common.UserError(f"--task smollm2-hh: {HH_DATA}/train.jsonl is absent")
-    if args.task != "demo" and common._looks_like_path(args.model_path) and not Path(args.model_path).is_dir():
+    if args.task != "demo" and common.looks_like_local_path(args.model_path) and not Path(args.model_path).is_dir():
         raise common.UserError(f"--model_path {args.model_path}: no such folder; give SmolLM2-135M-Instruct's folder "
                                f"or the hub id {SMOLLM2}")
     for name in ("sft_args", "reward_args", "ppo_args", "eval_args"):
