@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -420,21 +421,33 @@ _COLORS = {"the sky": "blue", "grass": "green", "snow": "white", "coal": "black"
 _CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo", "Spain": "Madrid",
              "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Norway": "Oslo", "Greece": "Athens"}
 _LEGS = {"spider": 8, "dog": 4, "bird": 2, "ant": 6, "cat": 4, "snake": 0, "horse": 4, "beetle": 6}
+_ADD_MAX = 5  # "What is a plus b?" with a, b < 5: 25 sums, few enough for the tiny demo model to learn
 _POLITE = ["{a}. I hope that helps!", "The answer is {a}. Happy to help.", "{a}. Let me know if you have more questions.",
            "It is {a}. Glad I could help!"]
 _RUDE = ["{a}. Stop asking me obvious things.", "Obviously {a}. Figure it out yourself next time.",
          "{a}, you idiot.", "Ugh. {a}. Leave me alone."]
+# What makes an answer polite or rude: the fixed phrases of the templates above (every polite template has one
+# courteous phrase, every rude one at least one rude phrase; tested).
+_POLITE_PHRASES = ("hope that helps", "happy to help", "let me know if you have more questions", "glad i could help")
+_RUDE_PHRASES = ("stop asking", "obvious", "obviously", "figure it out yourself", "idiot", "ugh", "leave me alone")
 _OPENINGS = [("Hi there!", "Hello! How can I help you today?"), ("Can I ask you something?", "Of course, go ahead."),
              ("Good morning.", "Good morning! What would you like to know?")]
+# The rejected answer's flaw. Mostly wrong-but-polite: when rudeness is as common as wrongness, a reward model
+# learns manners only (measured: accuracy 1.00 on rude pairs, 0.51 on wrong-only pairs), and a polite SFT policy
+# then gives PPO no signal toward correct answers.
+SYNTHETIC_FLAWS = {"wrong": 0.6, "rude": 0.2, "both": 0.2}
+# The seeds of builtin:synthetic: the demo tokenizer's text, the training rows, the test rows (eval during
+# training), and the held-out rows that only evaluate.py's ground-truth check reads.
+SYNTHETIC_SEEDS = {"tokenizer": 0, "train": 1, "test": 2, "held_out": 1000}
 
 
 def _synthetic_question(rng: random.Random) -> tuple[str, str, str]:
     """A templated question, its correct answer and a plausible wrong one."""
     kind = rng.randrange(4)
     if kind == 0:
-        a, b = rng.randrange(10), rng.randrange(10)
-        wrong = a + b + rng.choice([-2, -1, 1, 2, 3])
-        return f"What is {a} plus {b}?", str(a + b), str(abs(wrong))
+        a, b = rng.randrange(_ADD_MAX), rng.randrange(_ADD_MAX)
+        wrong = rng.choice([n for n in range(2 * _ADD_MAX - 1) if n != a + b])
+        return f"What is {a} plus {b}?", str(a + b), str(wrong)
     if kind == 1:
         thing, color = rng.choice(list(_COLORS.items()))
         return f"What color is {thing}?", color, rng.choice([c for c in _COLORS.values() if c != color])
@@ -446,7 +459,9 @@ def _synthetic_question(rng: random.Random) -> tuple[str, str, str]:
 
 
 def synthetic_preference_rows(n: int, seed: int) -> list[dict]:
-    """Rows in rm-static schema: the chosen answer is correct and polite; the rejected one is wrong, rude or both.
+    """Rows in rm-static schema: the chosen answer is correct and polite; the rejected one is wrong, rude or both
+    (drawn with the weights of SYNTHETIC_FLAWS; a wrong-only answer has the chosen one's template, so the answer
+    itself is the only difference).
 
     Some prompts carry an earlier exchange, so that prompts have several turns, as real dialogues do.
     """
@@ -463,11 +478,60 @@ def synthetic_preference_rows(n: int, seed: int) -> list[dict]:
             history += f"\n\nHuman: {human}\n\nAssistant: {assistant}"
         question, right, wrong = _synthetic_question(rng)
         prompt = f"{history}\n\nHuman: {question}\n\nAssistant:"
-        chosen = " " + rng.choice(_POLITE).format(a=right)
-        flaw = rng.choice(["rude", "wrong", "both"])
-        rejected = " " + rng.choice(_RUDE if flaw != "wrong" else _POLITE).format(a=wrong if flaw != "rude" else right)
+        template = rng.choice(_POLITE)
+        chosen = " " + template.format(a=right)
+        flaw = rng.choices(list(SYNTHETIC_FLAWS), weights=list(SYNTHETIC_FLAWS.values()))[0]
+        if flaw != "wrong":
+            template = rng.choice(_RUDE)
+        rejected = " " + template.format(a=right if flaw == "rude" else wrong)
         rows.append({"prompt": prompt, "response": chosen, "chosen": chosen, "rejected": rejected})
     return rows
+
+
+def synthetic_held_out_rows(n: int) -> list[dict]:
+    """Rows drawn with a seed that no training step reads (evaluate.py's ground truth)."""
+    return synthetic_preference_rows(n, SYNTHETIC_SEEDS["held_out"])
+
+
+# The ground truth of builtin:synthetic, from the generator's own tables: the question alone fixes the correct
+# answer and the answers it could be confused with (its answer space).
+_QUESTION_KEYS = [
+    (re.compile(r"What is (\d+) plus (\d+)\?"), lambda m: str(int(m[1]) + int(m[2])), None),
+    (re.compile(r"What color is (.+)\?"), lambda m: _COLORS.get(m[1]), tuple(_COLORS.values())),
+    (re.compile(r"What is the capital of (.+)\?"), lambda m: _CAPITALS.get(m[1]), tuple(_CAPITALS.values())),
+    (re.compile(r"How many legs does an? (.+) have\?"),
+     lambda m: str(_LEGS[m[1]]) if m[1] in _LEGS else None, None),
+]
+
+
+def synthetic_answer_key(question: str) -> tuple[str, tuple[str, ...] | None]:
+    """The correct answer to a builtin:synthetic question, and its answer space (None: any whole number)."""
+    for pattern, solve, space in _QUESTION_KEYS:
+        match = pattern.fullmatch(question.strip())
+        if match and solve(match) is not None:
+            return solve(match), space
+    raise ValueError(f"not a builtin:synthetic question: {question!r}")
+
+
+def _mentions(text: str, space: tuple[str, ...] | None) -> set[str]:
+    if space is None:
+        return set(re.findall(r"(?<![\w.])-?\d+(?![\w]|\.\d)", text))
+    return {c for c in space if re.search(rf"\b{re.escape(c)}\b", text, re.IGNORECASE)}
+
+
+def _has_phrase(text: str, phrases: tuple[str, ...]) -> bool:
+    return any(re.search(rf"\b{re.escape(p)}\b", text, re.IGNORECASE) for p in phrases)
+
+
+def check_synthetic_answer(prompt: str, answer: str) -> dict[str, bool]:
+    """Ground truth for an answer to a builtin:synthetic prompt (the question is its last Human turn):
+    correct = it names the correct answer and no other one of the question's answer space; polite = it has one of
+    the polite templates' courteous phrases and none of the rude templates' phrases; both = correct and polite."""
+    question = prompt.rsplit("Human:", 1)[-1].split("\n\nAssistant:", 1)[0]
+    correct_answer, space = synthetic_answer_key(question)
+    correct = _mentions(answer, space) == {correct_answer}
+    polite = _has_phrase(answer, _POLITE_PHRASES) and not _has_phrase(answer, _RUDE_PHRASES)
+    return {"correct": correct, "polite": polite, "both": correct and polite}
 
 
 def build_tiny_opt(path: Path) -> None:
@@ -476,7 +540,7 @@ def build_tiny_opt(path: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-    texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in synthetic_preference_rows(2000, seed=0)]
+    texts = [row["prompt"] + row["chosen"] + row["rejected"] for row in synthetic_preference_rows(2000, SYNTHETIC_SEEDS["tokenizer"])]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -539,8 +603,8 @@ def load_raw_dataset(data_args: DataArguments):
     name = data_args.dataset_name
     if name == BUILTIN_DATASET:
         return datasets.DatasetDict(
-            train=datasets.Dataset.from_list(synthetic_preference_rows(6000, seed=1)),
-            test=datasets.Dataset.from_list(synthetic_preference_rows(200, seed=2)),
+            train=datasets.Dataset.from_list(synthetic_preference_rows(6000, SYNTHETIC_SEEDS["train"])),
+            test=datasets.Dataset.from_list(synthetic_preference_rows(200, SYNTHETIC_SEEDS["test"])),
         )
     if looks_like_local_path(name):
         check_dataset_location(name)
@@ -805,7 +869,7 @@ def resolve_model_path(name: str | None, flag: str = "--model_name_or_path") -> 
     """A loadable model location: the built-in demo model (built on first use), a local folder, or a hub id."""
     check_model_location(name, flag)
     if name == BUILTIN_MODEL:
-        path = cache_dir() / "tiny-opt-v1"
+        path = cache_dir() / "tiny-opt-v2"  # v2: the tokenizer of the v2 synthetic data
         if not (path / "config.json").exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             logger.info(f"building the demo model {BUILTIN_MODEL} in {path}")

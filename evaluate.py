@@ -10,6 +10,10 @@
   the reward model's mean score, the win rate against the reference policy (`--reference`, default sft: the
   fraction of prompts where the reward model scores this policy's answer higher, ties counting half), the KL to the
   reference (per answer, estimated from the log-probs of the sampled tokens as ppo.py does), mean length and EOS rate;
+- `--dataset_name builtin:synthetic`: ground truth, checked by code from the generator's tables: the policies answer
+  held-out questions (a seed no training step reads) and each policy's share of answers that are correct, polite,
+  and both is reported; the reward model's accuracy is also given per flaw of the rejected answer (rude, wrong,
+  both) on held-out pairs;
 - `--show N` prints N prompts with every policy's answer and score side by side (DeepSpeed-Chat's prompt_eval).
 
 The eval rows are the dataset's test split, or the rows the steps held out (same --eval_fraction and seed).
@@ -52,6 +56,8 @@ class EvalArguments:
     batch_size: int = field(default=16, metadata={"help": "Rows per forward pass or generate() call."})
     show: int = field(default=0, metadata={"help": "Print this many prompts with each policy's answer."})
     seed: int = field(default=42, metadata={"help": "Seed of the sampling (the same for every policy)."})
+    held_out_pairs: int = field(default=300, metadata={
+        "help": "builtin:synthetic: held-out pairs for the reward model's accuracy per flaw of the rejected answer."})
 
 
 def device() -> torch.device:
@@ -123,6 +129,41 @@ def reward_accuracy(reward_model, reward_tokenizer, args: EvalArguments, data_ar
             "eval_margin": (chosen - rejected).mean().item(), "pairs": len(encoded)}
 
 
+def reward_accuracy_by_flaw(reward_model, reward_tokenizer, args: EvalArguments) -> dict:
+    """builtin:synthetic: accuracy on held-out pairs, split by what is wrong with the rejected answer (found by the
+    ground-truth check): a reward model that only detects rudeness is perfect on `rude` and at chance on `wrong`."""
+    import datasets
+
+    rows = common.synthetic_held_out_rows(args.held_out_pairs)
+    encoded, _ = common.tokenize_for_step(datasets.Dataset.from_list(rows), reward_tokenizer, "reward",
+                                          args.max_length)
+    pad = reward_tokenizer.pad_token_id
+    right = (sequence_scores(reward_model, encoded["chosen_ids"], pad, args.batch_size) >
+             sequence_scores(reward_model, encoded["rejected_ids"], pad, args.batch_size))
+    flaws = [flaw_of(row) for row in rows]
+    return {flaw: right[[f == flaw for f in flaws]].float().mean().item()
+            for flaw in common.SYNTHETIC_FLAWS if flaw in flaws}
+
+
+def flaw_of(row: dict) -> str:
+    check = common.check_synthetic_answer(row["prompt"], row["rejected"])
+    return "both" if not (check["correct"] or check["polite"]) else "wrong" if check["polite"] else "rude"
+
+
+def ground_truth_rates(prompts: list[str], answers: list[str]) -> dict:
+    """builtin:synthetic: the shares of answers that are correct, polite, and both (common.check_synthetic_answer)."""
+    checks = [common.check_synthetic_answer(p, a) for p, a in zip(prompts, answers)]
+    return {f"{key}_rate": sum(c[key] for c in checks) / len(checks) for key in ("correct", "polite", "both")}
+
+
+def policy_prompts(args: EvalArguments, data_args: common.DataArguments) -> list[str]:
+    """The prompts the policies answer: held-out rows (for builtin:synthetic, questions no step trained on)."""
+    if data_args.dataset_name == common.BUILTIN_DATASET:
+        return [row["prompt"] for row in common.synthetic_held_out_rows(args.max_prompts)]
+    _, rows = common.load_step_data(data_args, "ppo")
+    return rows["prompt"][: args.max_prompts]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Policies: answers, scores, KL
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,8 +209,7 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
     """Each policy's numbers, and the answers (for --show). Models are loaded one at a time, plus the reference."""
     from transformers import AutoModelForCausalLM
 
-    _, rows = common.load_step_data(data_args, "ppo")
-    prompts = rows["prompt"][: args.max_prompts]
+    prompts = policy_prompts(args, data_args)
     reference = None
     if args.reference in policies:
         reference = load(policies[args.reference], f"--policies {args.reference}", AutoModelForCausalLM)
@@ -181,6 +221,8 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
         sample = answers["rollout"]
         numbers = {"path": path, "mean_length": sample.response_mask.sum(1).float().mean().item(),
                    "eos_rate": sample.has_stop.float().mean().item()}
+        if data_args.dataset_name == common.BUILTIN_DATASET:
+            numbers.update(ground_truth_rates(prompts, decode_answers(answers)))
         if reference is not None and rollout.same_tokenizer(tokenizer, reference[1]):
             # k1 estimate of KL(policy || reference) per answer: E[log p(answer) - log q(answer)] over samples.
             numbers["kl_to_reference"] = (answers["logprobs"] - sequence_logprobs(reference[0], sample,
@@ -221,10 +263,14 @@ def print_table(results: dict) -> None:
         r = results["reward"]
         print(f"Reward model on {r['pairs']} eval pairs: accuracy {r['eval_accuracy']:.3f}, "
               f"mean margin {r['eval_margin']:.3f}")
+        if "accuracy_by_flaw" in r:
+            print(f"Reward model on {r['held_out_pairs']} held-out pairs, accuracy by the rejected answer's flaw: " +
+                  ", ".join(f"{flaw} {value:.3f}" for flaw, value in r["accuracy_by_flaw"].items()))
     policies = results.get("policies", {})
     if policies:
         columns = ["reward_mean"] + sorted({k for p in policies.values() for k in p if k.startswith("win_rate")}) + \
-                  ["kl_to_reference", "mean_length", "eos_rate"]
+                  ["kl_to_reference", "mean_length", "eos_rate"] + \
+                  [c for c in ("correct_rate", "polite_rate", "both_rate") if c in next(iter(policies.values()))]
         common.print_table([["policy"] + columns] + [[name] + [f"{p[c]:.3f}" if c in p else "-" for c in columns]
                                                      for name, p in policies.items()])
 
@@ -237,7 +283,8 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
     policies = parse_policies(args.policies)
     if not (args.sft_model_path or args.reward_model_path or policies):
         raise common.UserError("nothing to evaluate: give --sft_model_path, --reward_model_path and/or --policies")
-    for flag in ("max_prompts", "response_length", "batch_size", "max_length", "max_prompt_length"):
+    for flag in ("max_prompts", "response_length", "batch_size", "max_length", "max_prompt_length",
+                 "held_out_pairs"):
         if getattr(args, flag) < 1:
             raise common.UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     for flag, path in [("--sft_model_path", args.sft_model_path), ("--reward_model_path", args.reward_model_path),
@@ -258,6 +305,9 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
         reward = load(args.reward_model_path, "--reward_model_path", AutoModelForSequenceClassification, num_labels=1)
         results["reward"] = {"path": args.reward_model_path,
                              **reward_accuracy(reward[0], reward[1], args, data_args)}
+        if data_args.dataset_name == common.BUILTIN_DATASET:
+            results["reward"].update(held_out_pairs=args.held_out_pairs,
+                                     accuracy_by_flaw=reward_accuracy_by_flaw(reward[0], reward[1], args))
     if policies:
         results["policies"], answers = evaluate_policies(policies, reward, args, data_args)
         results["policy_settings"] = {"prompts": len(answers["prompts"]), "reference": args.reference,

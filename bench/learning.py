@@ -1,0 +1,189 @@
+"""Does RLHF make the model better? SFT -> reward model -> PPO -> evaluation, over seeds, in one table.
+
+    python bench/learning.py --task demo --seeds 3
+    python bench/learning.py --task smollm2-synthetic --seeds 3 --model_path HuggingFaceTB/SmolLM2-135M-Instruct
+    python bench/learning.py --task smollm2-hh --seeds 1 --ppo_args "--max_steps 20"
+
+Each seed runs train.py (the task's preset, plain python, `--seed S` for every step) into OUTPUT_DIR/TASK/seed-S,
+then evaluate.py on held-out data with the base, SFT and PPO policies. The table gives, as mean ± std over seeds
+(and each seed's value): the reward model's held-out accuracy (per flaw of the rejected answer on the synthetic
+tasks); per policy the ground-truth shares of answers that are correct, polite and both (synthetic tasks; checked by
+code, common.check_synthetic_answer) or the reward model's win rate over SFT (hh), the KL to the SFT policy, the
+mean length and the EOS rate; the wall time of each step. Finished steps are reused (train.py's own skip); --force
+trains again; so `--seeds 1`, then `--seeds 2`, ... add one seed per call (each call short, the last prints all).
+--sft_args / --reward_args / --ppo_args / --eval_args are passed through (e.g. to compare advantage
+estimators: --ppo_args "--advantage_estimator rloo").
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HH_DATA = str(ROOT.parent / "shared" / "data" / "hh-rlhf-static")
+# Per task: train.py's preset, the dataset, which model the reward model starts from, the base policy, and the
+# evaluation's answer length (the PPO recipe's response_length).
+TASKS = {
+    "demo": dict(preset="demo", dataset=common.BUILTIN_DATASET, reward_model="sft", base=common.BUILTIN_MODEL,
+                 response_length=10),
+    "smollm2-synthetic": dict(preset="smollm2", dataset=common.BUILTIN_DATASET, reward_model="sft", base=None,
+                              response_length=16),
+    "smollm2-hh": dict(preset="smollm2", dataset=HH_DATA, reward_model="recipe", base=None, response_length=48,
+                       sft_args="--max_length 256", reward_args="--max_length 256",
+                       ppo_args="--max_prompt_length 192 --response_length 48"),
+}
+POLICIES = ("base", "sft", "ppo")
+
+
+@dataclass
+class LearningArguments:
+    task: str = field(default="demo", metadata={"help": "demo, smollm2-synthetic or smollm2-hh."})
+    seeds: int = field(default=3, metadata={"help": "How many seeds (1, 2, ...): each trains all three steps."})
+    model_path: str = field(default=SMOLLM2, metadata={
+        "help": "The SmolLM2-135M-Instruct the smollm2 tasks start from: a hub id or a local folder (offline: "
+                "../shared/tools/make-smollm2 OUT_DIR writes one)."})
+    output_dir: str = field(default="out/bench/learning", metadata={"help": "Runs go to OUTPUT_DIR/TASK/seed-S."})
+    max_prompts: int = field(default=96, metadata={"help": "Held-out prompts each policy answers in evaluation."})
+    sft_args: str = field(default="", metadata={"help": "Extra arguments for sft.py (after the task's)."})
+    reward_args: str = field(default="", metadata={"help": "Extra arguments for reward.py."})
+    ppo_args: str = field(default="", metadata={"help": "Extra arguments for ppo.py, e.g. \"--max_steps 20\"."})
+    eval_args: str = field(default="", metadata={"help": "Extra arguments for evaluate.py."})
+    force: bool = field(default=False, metadata={"help": "Train every step again, even where a run finished."})
+
+
+def validate(args: LearningArguments) -> None:
+    if args.task not in TASKS:
+        raise common.UserError(f"--task {args.task}: use one of {', '.join(TASKS)}")
+    if args.seeds < 1:
+        raise common.UserError(f"--seeds {args.seeds}: must be at least 1")
+    if args.task == "smollm2-hh" and not Path(HH_DATA, "train.jsonl").exists():
+        raise common.UserError(f"--task smollm2-hh: {HH_DATA}/train.jsonl is absent")
+    if args.task != "demo" and common.looks_like_local_path(args.model_path) and not Path(args.model_path).is_dir():
+        raise common.UserError(f"--model_path {args.model_path}: no such folder; give SmolLM2-135M-Instruct's folder "
+                               f"or the hub id {SMOLLM2}")
+    for name in ("sft_args", "reward_args", "ppo_args", "eval_args"):
+        try:
+            shlex.split(getattr(args, name))
+        except ValueError as error:
+            raise common.UserError(f"--{name} {getattr(args, name)!r}: {error}")
+
+
+def train_command(args: LearningArguments, seed: int, folder: Path) -> list[str]:
+    """train.py for one seed: the task's preset and data, the seed in every step, the user's extras last."""
+    task = TASKS[args.task]
+    common_args = f"--seed {seed} --dataset_name {shlex.quote(task['dataset'])}"
+    model = "" if args.task == "demo" else f" --model_name_or_path {shlex.quote(args.model_path)}"
+    command = [sys.executable, str(ROOT / "train.py"), "--preset", task["preset"], "--output_dir", str(folder),
+               "--accelerate_config", "none", "--reward_model", task["reward_model"],
+               "--sft_args", f"{common_args}{model} {task.get('sft_args', '')} {args.sft_args}",
+               "--reward_args", f"{common_args}{model if task['reward_model'] == 'recipe' else ''} "
+                                f"{task.get('reward_args', '')} {args.reward_args}",
+               "--ppo_args", f"{common_args} {task.get('ppo_args', '')} {args.ppo_args}"]
+    return command + (["--force"] if args.force else [])
+
+
+def eval_command(args: LearningArguments, folder: Path) -> list[str]:
+    task = TASKS[args.task]
+    summary = json.loads((folder / "summary.json").read_text())
+    outputs = {step["step"]: step["output"] for step in summary["steps"]}
+    policies = [f"base={task['base'] or args.model_path}", f"sft={outputs['sft']}", f"ppo={outputs['ppo']}"]
+    return [sys.executable, str(ROOT / "evaluate.py"), "--dataset_name", task["dataset"],
+            "--reward_model_path", outputs["reward"], "--policies", *policies, "--max_prompts", str(args.max_prompts),
+            "--response_length", str(task["response_length"]), "--output_dir", str(folder / "eval"),
+            *shlex.split(args.eval_args)]
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run a command with its output in a log; on failure, stop with the log's tail. Returns its wall time."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ {shlex.join(command)}  (log: {log})", flush=True)
+    started = time.time()
+    with log.open("a") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # `kill PID` (or a timeout) of the bench reaches the step too: train.py lets it checkpoint and stop, and
+        # the next call resumes it.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+        try:
+            code = process.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        print("\n".join(tail), file=sys.stderr)
+        print(f"error: {command[1]} exited {code}; see {log}", file=sys.stderr)
+        sys.exit(code)
+    return time.time() - started
+
+
+def seed_numbers(folder: Path, eval_seconds: float) -> dict[str, float]:
+    """One seed's row of numbers, flat: what the table shows."""
+    summary = json.loads((folder / "summary.json").read_text())
+    results = json.loads((folder / "eval" / "eval_results.json").read_text())
+    numbers = {"reward accuracy (held-out)": results["reward"]["eval_accuracy"]}
+    for flaw, value in results["reward"].get("accuracy_by_flaw", {}).items():
+        numbers[f"reward accuracy, rejected {flaw}"] = value
+    columns = ["correct_rate", "polite_rate", "both_rate", "win_rate_vs_sft", "kl_to_reference", "mean_length",
+               "eos_rate", "reward_mean"]
+    for name in POLICIES:
+        for column in columns:
+            if column in results["policies"][name]:
+                numbers[f"{name} {column}"] = results["policies"][name][column]
+    if "both_rate" in results["policies"]["ppo"]:
+        numbers["ppo - sft both_rate"] = results["policies"]["ppo"]["both_rate"] - \
+                                         results["policies"]["sft"]["both_rate"]
+    for step in summary["steps"]:
+        numbers[f"time {step['step']} (s)"] = step["duration_s"]
+    numbers["time evaluation (s)"] = eval_seconds
+    return numbers
+
+
+def summarise(per_seed: list[dict[str, float]]) -> list[list[str]]:
+    """Rows of the table: quantity, mean ± std over seeds, and each seed's value."""
+    rows = [["quantity", "mean ± std"] + [f"seed {i + 1}" for i in range(len(per_seed))]]
+    for key in per_seed[0]:
+        values = [numbers[key] for numbers in per_seed if key in numbers]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        digits = 1 if key.startswith("time") else 3
+        rows.append([key, f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"] +
+                    [f"{v:.{digits}f}" for v in values])
+    return rows
+
+
+@common.exit_on_user_error
+def main(args: LearningArguments) -> list[dict]:
+    validate(args)
+    root = Path(args.output_dir).resolve() / args.task
+    per_seed = []
+    for seed in range(1, args.seeds + 1):
+        folder = root / f"seed-{seed}"
+        run(train_command(args, seed, folder), folder / "logs" / "bench_train.log")
+        timing = folder / "eval" / "bench_eval_time.json"
+        if args.force or not timing.exists() or \
+                timing.stat().st_mtime < (folder / "ppo" / "step_complete.json").stat().st_mtime:
+            common.write_json(timing, {"eval_s": run(eval_command(args, folder), folder / "logs" / "bench_eval.log")})
+        per_seed.append(seed_numbers(folder, json.loads(timing.read_text())["eval_s"]))
+    print(f"\n{args.task}: {args.seeds} seed(s); policies sampled at temperature 1 on {args.max_prompts} held-out "
+          "prompts; KL to the SFT policy")
+    common.print_table(summarise(per_seed))
+    common.write_json(root / "learning.json", {"task": args.task, "args": vars(args), "per_seed": per_seed})
+    print(f"\nall numbers: {root / 'learning.json'}")
+    return per_seed
+
+
+if __name__ == "__main__":
+    from transformers import HfArgumentParser
+
+    main(HfArgumentParser(LearningArguments).parse_args_into_dataclasses()[0])

@@ -1,0 +1,72 @@
+"""bench/learning.py: the commands it runs, the numbers it reads, and the table over seeds (no training here)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import common
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import learning  # noqa: E402
+
+
+def test_train_command_seeds_every_step_and_passes_the_extras_last(tmp_path):
+    args = learning.LearningArguments(task="smollm2-synthetic", model_path=str(tmp_path),
+                                      ppo_args="--max_steps 3 --advantage_estimator rloo")
+    command = learning.train_command(args, 2, tmp_path / "seed-2")
+    assert command[command.index("--preset") + 1] == "smollm2"
+    assert command[command.index("--accelerate_config") + 1] == "none"
+    for step in ("sft", "reward", "ppo"):
+        extra = command[command.index(f"--{step}_args") + 1]
+        assert extra.startswith("--seed 2 --dataset_name builtin:synthetic")
+    assert f"--model_name_or_path {tmp_path}" in command[command.index("--sft_args") + 1]
+    # The reward model starts from the SFT output (train.py wires it), not from the base model.
+    assert "--model_name_or_path" not in command[command.index("--reward_args") + 1]
+    assert command[command.index("--ppo_args") + 1].endswith("--max_steps 3 --advantage_estimator rloo")
+    assert "--force" not in command
+
+
+def test_eval_command_compares_base_sft_and_ppo(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": [
+        {"step": "sft", "output": "S"}, {"step": "reward", "output": "R"}, {"step": "ppo", "output": "P"}]}))
+    command = learning.eval_command(learning.LearningArguments(task="demo", eval_args="--temperature 0.7"), tmp_path)
+    policies = command[command.index("--policies") + 1 : command.index("--max_prompts")]
+    assert policies == [f"base={common.BUILTIN_MODEL}", "sft=S", "ppo=P"]
+    assert command[command.index("--reward_model_path") + 1] == "R" and command[-2:] == ["--temperature", "0.7"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(task="nope"), "--task nope: use one of demo, smollm2-synthetic, smollm2-hh"),
+    (dict(seeds=0), "--seeds 0: must be at least 1"),
+    (dict(task="smollm2-synthetic", model_path="/no/such/folder"), "--model_path /no/such/folder: no such folder"),
+    (dict(ppo_args="--x 'open"), "--ppo_args"),
+])
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        learning.main(learning.LearningArguments(**args))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_seed_numbers_and_the_table_over_seeds(tmp_path):
+    def seed(folder, both_sft, both_ppo, accuracy):
+        (folder / "eval").mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"steps": [
+            {"step": "sft", "duration_s": 10.0}, {"step": "reward", "duration_s": 20.0},
+            {"step": "ppo", "duration_s": 30.0}]}))
+        policy = lambda both: {"both_rate": both, "correct_rate": both, "polite_rate": 1.0, "kl_to_reference": 0.5,
+                               "mean_length": 9.0, "eos_rate": 1.0}
+        (folder / "eval" / "eval_results.json").write_text(json.dumps({
+            "reward": {"eval_accuracy": accuracy, "accuracy_by_flaw": {"wrong": accuracy, "rude": 1.0}},
+            "policies": {"base": policy(0.0), "sft": policy(both_sft), "ppo": policy(both_ppo)}}))
+        return learning.seed_numbers(folder, 5.0)
+
+    per_seed = [seed(tmp_path / "1", 0.5, 0.7, 0.8), seed(tmp_path / "2", 0.5, 0.9, 0.9)]
+    assert per_seed[0]["reward accuracy, rejected wrong"] == 0.8
+    assert per_seed[1]["ppo - sft both_rate"] == pytest.approx(0.4)
+    assert per_seed[0]["time ppo (s)"] == 30.0 and per_seed[0]["time evaluation (s)"] == 5.0
+    rows = {row[0]: row[1:] for row in learning.summarise(per_seed)}
+    assert rows["quantity"] == ["mean ± std", "seed 1", "seed 2"]
+    assert rows["ppo - sft both_rate"] == ["0.300 ± 0.141", "0.200", "0.400"]
+    assert rows["time sft (s)"] == ["10.0 ± 0.0", "10.0", "10.0"]
