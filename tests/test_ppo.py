@@ -671,3 +671,29 @@ def test_full_fine_tuning_under_deepspeed_bf16_starts_with_kl_0(env, demo_models
     run(accelerate_script(*ppo_run(demo_models, out, *SHORT, "--max_steps", "1", "--use_peft", "false",
                                    "--learning_rate", "1e-5", "--save_steps", "100")[1:]), env)
     assert abs(metrics(out)[0]["objective/kl"]) < 1e-4
+
+
+def test_a_reward_lora_trained_on_an_sft_adapter_loads_back_on_that_sft_policy(env, tmp_path):
+    """reward.py merges an SFT adapter into its base and trains a LoRA on that: loading the reward adapter must
+    give the model it was trained as (the SFT delta included), not its LoRA on the raw base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import ModelConfig
+
+    torch.manual_seed(0)
+    base = common.resolve_model_path(common.BUILTIN_MODEL)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    sft.save_pretrained(tmp_path / "sft")
+    trained = common.load_model(ModelConfig(), AutoModelForSequenceClassification, str(tmp_path / "sft"),
+                                num_labels=1)  # as reward.py loads it
+    trained = get_peft_model(trained, LoraConfig(r=4, task_type="SEQ_CLS")).eval()
+    trained.save_pretrained(tmp_path / "reward")
+    ids = torch.tensor([[5, 17, 42, 9, 2]])
+    reloaded = common.load_model(ModelConfig(), AutoModelForSequenceClassification, str(tmp_path / "reward"),
+                                 num_labels=1).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-5)
