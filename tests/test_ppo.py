@@ -291,7 +291,7 @@ BAD_INPUT = {
     "unknown KL estimator": (lambda sft, rm, tmp: ["--kl_estimator", "k9"], "use k1 or k3"),
     "EMA decay out of range": (lambda sft, rm, tmp: ["--ema_decay", "1.5"], "must be in [0, 1)"),
     "a sequence classifier as the policy": (lambda sft, rm, tmp: ["--sft_model_path", rm],
-                                            "--sft_model_path " + rm + ": not a causal language model"),
+                                            ": not a causal language model (architectures ['OPTForSequence"),
     "truncated sampling": (lambda sft, rm, tmp: ["--top_k", "50"], "--top_k 50: PPO samples from the full"),
 }
 
