@@ -489,7 +489,7 @@ def weight_metrics(accelerator, unwrapped: nn.Module) -> dict:
             continue
         sharded = any(hasattr(p, "ds_tensor") for p in params)
         local = [p.ds_tensor if sharded else p for p in params]
-        squares = torch.stack([t.detach().float().pow(2).sum() for t in local]).sum()
+        squares = torch.nn.utils.get_total_norm([t.detach() for t in local]).float() ** 2  # no float32 copies
         if sharded:
             squares = accelerator.reduce(squares.to(accelerator.device), "sum")
         count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
