@@ -1010,9 +1010,10 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         try:
             return train(data_args, args, model_args, cleanup)
         except TrainingDiverged as error:
+            cleanup.close()  # first: the progress bar ends its line, so that the error has one of its own
             if PartialState().is_main_process:
                 print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(3)  # leaving the `with` runs the cleanup
+            sys.exit(3)
 
 
 def train(data_args: common.DataArguments, args: PPOArguments, model_args: ModelConfig,
