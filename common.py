@@ -284,6 +284,7 @@ RANGES = {
     "kl_coef": NON_NEGATIVE, "target_kl": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
     "vf_coef": POSITIVE, "entropy_coef": NON_NEGATIVE, "gamma": Range(0, 1), "lam": Range(0, 1),
     "missing_eos_penalty": NON_NEGATIVE, "ema_decay": Range(0, 1, high_open=True), "ptx_coef": NON_NEGATIVE,
+    "max_kl": POSITIVE,
     "score_clip": Range(0, low_open=True, hint="0 makes every score 0; leave it unset for no clipping"),
     # seeds and distribution
     "seed": SEED, "data_seed": SEED, "local_rank": Range(-1), "ddp_timeout": AT_LEAST_1,
@@ -935,27 +936,37 @@ def load_model(model_args, auto_class, path: str | None = None, flag: str = "--m
     which works for a sequence classifier too, since the backbone's module names are the same.
     """
     import torch
-    from peft import PeftConfig, PeftModel
     from accelerate import PartialState
     from trl import get_quantization_config
 
     path = resolve_model_path(path or model_args.model_name_or_path, flag)
-    base = adapter_base(path)
     quantization = get_quantization_config(model_args)
     options = dict(revision=model_args.model_revision, dtype=torch_dtype(model_args.dtype),
                    attn_implementation=model_args.attn_implementation, quantization_config=quantization,
                    device_map=({"": PartialState().local_process_index} if quantization is not None and torch.cuda.is_available() else None), **kwargs)
     try:
-        model = auto_class.from_pretrained(base or path, **options)
-        if base is not None:
-            # The adapter may be for another head (an SFT adapter onto a sequence classifier): load it task-free,
-            # which matches on the shared backbone's module names.
-            adapter_config = PeftConfig.from_pretrained(path)
-            adapter_config.task_type = None
-            model = PeftModel.from_pretrained(model, path, config=adapter_config).merge_and_unload()
+        return load_merged(auto_class, path, options)
     except (OSError, ValueError) as error:
         raise UserError(f"{flag} {path}: could not load a model ({describe(error)}); check the path "
                         "or hub id, or pre-download it (see README, Offline)")
+
+
+def load_merged(auto_class, path: str, options: dict):
+    """`auto_class.from_pretrained(path)`, where an adapter folder is merged into its base, itself loaded this way:
+    a reward LoRA trained on an SFT adapter thus comes back on the SFT policy it was trained on, not on the raw base.
+    The merged model is named after the adapter folder, so that adapters trained on it record that folder as base."""
+    from peft import PeftConfig, PeftModel
+
+    base = adapter_base(path)
+    if base is None:
+        return auto_class.from_pretrained(path, **options)
+    model = load_merged(auto_class, base, options)
+    # The adapter may be for another head (an SFT adapter onto a sequence classifier): load it task-free,
+    # which matches on the shared backbone's module names.
+    adapter_config = PeftConfig.from_pretrained(path)
+    adapter_config.task_type = None
+    model = PeftModel.from_pretrained(model, path, config=adapter_config).merge_and_unload()
+    model.name_or_path = str(Path(path).expanduser().resolve())  # read by PEFT's get_peft_model
     return model
 
 
@@ -1201,7 +1212,7 @@ def save_trainer_output(trainer, output_dir: str, merge_adapter: bool, merged_cl
     if trainer.accelerator.is_main_process:
         if merge_adapter and (staging / "adapter_config.json").exists():
             base = adapter_base(str(staging))
-            model = merged_class.from_pretrained(base, **({"num_labels": 1} if "Sequence" in merged_class.__name__ else {}))
+            model = load_merged(merged_class, base, {"num_labels": 1} if "Sequence" in merged_class.__name__ else {})
             merged = PeftModel.from_pretrained(model, str(staging)).merge_and_unload()
             merged.save_pretrained(staging / "merged")
             trainer.processing_class.save_pretrained(staging / "merged")

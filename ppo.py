@@ -70,8 +70,9 @@ class PPOArguments:
     response_length: int = field(default=53, metadata={"help": "Most new tokens sampled per prompt."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature; the same scaling is applied to "
                                "the logits when log-probs are computed in training."})
-    top_k: int = field(default=0, metadata={"help": "Sample from the k most likely tokens (0: all)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Must stay 0 (all tokens): PPO's log-probs and KL are those of "
+                       "the full distribution at --temperature; accepted for configs that set it to 0."})
+    top_p: float = field(default=1.0, metadata={"help": "Must stay 1.0 (off), for the same reason as --top_k."})
     stop_token: str = field(default="eos", metadata={"help": "Generation stops at this token: 'eos' or a token string; "
                             "tokens after it become padding."})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "Subtracted from the score of a "
@@ -105,6 +106,9 @@ class PPOArguments:
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
+    max_kl: float | None = field(default=None, metadata={"help": "Stop the run (exit 3, last good checkpoint kept) "
+                                 "when objective/kl, the KL to the reference per sequence, goes beyond this many "
+                                 "nats (default: 1 per token of --response_length)."})
     # optimisation
     learning_rate: float = field(default=3e-6, metadata={"help": "Actor learning rate."})
     critic_learning_rate: float | None = field(default=None, metadata={"help": "Critic learning rate (default: "
@@ -257,7 +261,11 @@ class AdaptiveKLController:
 
 
 class RunningMoments:
-    """Running mean and std of scores over all rollouts so far (Chan et al. parallel update)."""
+    """Running mean and std of scores over all rollouts so far (Chan et al. parallel update). The std is floored at
+    STD_FLOOR: a constant first batch, or a global batch of one score, has variance 0, and dividing by it would turn
+    the next small difference into an enormous reward."""
+
+    STD_FLOOR = 1e-2
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 1e-24
@@ -271,27 +279,68 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.var) if self.count > 1 else 1.0
+        return max(math.sqrt(self.var), self.STD_FLOOR) if self.count > 1 else 1.0
 
 
 DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "activation_dropout", "layerdrop", "hidden_dropout",
                       "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
-def disable_dropout(model: nn.Module) -> None:
+def disable_dropout(model: nn.Module) -> list[tuple]:
     """Dropout off everywhere: nn.Dropout modules (TRL's helper) and the functional dropout OPT and others apply
-    from float attributes copied from the config at init, which the config and TRL's helper don't reach."""
+    from float attributes copied from the config at init, which the config and TRL's helper don't reach.
+    Returns (config, name, value before) for each config value set to 0, for `dropout_config_restored`."""
     from trl.trainer.utils import disable_dropout_in_model
 
     disable_dropout_in_model(model)
+    changed = []
     for module in model.modules():
         for name in DROPOUT_ATTRIBUTES:
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
         config = getattr(module, "config", None)
         for name in DROPOUT_ATTRIBUTES:
-            if isinstance(getattr(config, name, None), float):
+            value = getattr(config, name, None)
+            if isinstance(value, float) and value != 0.0:
+                changed.append((config, name, value))
                 setattr(config, name, 0.0)
+    return changed
+
+
+@contextlib.contextmanager
+def dropout_config_restored(changed: list[tuple]):
+    """The configs' own dropout values while a model is saved: PPO's switch is for training, not the model's."""
+    for config, name, value in changed:
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, name, _ in changed:
+            setattr(config, name, 0.0)
+
+
+WEIGHT_GROWTH_LIMIT = 100.0  # see divergence
+
+
+def divergence(metrics: dict, max_kl: float, weights_at_start: dict) -> str | None:
+    """What shows that training has blown up, or None. A run that goes on from there only wrecks the model while
+    exiting 0, so main stops it (exit 3) and keeps the last good checkpoint. Three signs:
+    - any metric not finite (NaN or inf: scores, KL, losses, gradient norm, weights);
+    - |objective/kl| beyond max_kl nats per sequence (default 1 per response token: the sampled tokens are then on
+      average e times likelier under the policy than under the reference it should stay close to);
+    - the RMS of the trainable weights of the actor or critic (weights/*_rms) over WEIGHT_GROWTH_LIMIT times what it
+      was at the start: an optimizer step of lr 1e6 moves every weight by about 1e6, a sane one barely moves it.
+    """
+    bad = [name for name, value in metrics.items() if isinstance(value, (int, float)) and not math.isfinite(value)]
+    if bad:
+        return f"non-finite {', '.join(bad)}"
+    kl = metrics["objective/kl"]
+    if abs(kl) > max_kl:
+        return f"objective/kl {kl:.4g} is beyond --max_kl {max_kl:g} (nats per sequence)"
+    for name, start in weights_at_start.items():
+        if metrics[name] > WEIGHT_GROWTH_LIMIT * max(start, 1e-3):
+            return f"{name} {metrics[name]:.4g} grew over {WEIGHT_GROWTH_LIMIT:g}x its {start:.4g} at the start"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,10 +447,13 @@ def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_
         for model in (actor, critic):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+    changed = []
     for model in (actor, critic, reward, reference):
         if model is not None:
-            disable_dropout(model)  # after PEFT, which adds its own lora_dropout modules
-    return ActorCritic(actor, critic), reference, (None if shared else reward)
+            changed += disable_dropout(model)  # after PEFT, which adds its own lora_dropout modules
+    actor_critic = ActorCritic(actor, critic)
+    actor_critic.dropout_changes = changed  # put back in the configs while saving (dropout_config_restored)
+    return actor_critic, reference, (None if shared else reward)
 
 
 # 4. Checkpoints
@@ -427,6 +479,33 @@ def trainable_parameters(model: nn.Module) -> list:
 def trainable_state(model: nn.Module, cpu: bool = True) -> dict:
     return {name: (p.detach().cpu() if cpu else p.detach()).clone() for name, p in model.named_parameters()
             if p.requires_grad}
+
+
+@torch.no_grad()
+def weight_metrics(accelerator, unwrapped: nn.Module) -> dict:
+    """{"weights/actor_rms", "weights/critic_rms"}: the root mean square of each role's trainable weights, over
+    every process's shard under ZeRO-3 (every process must call it)."""
+    out = {}
+    for role in ("actor", "critic"):
+        module = getattr(unwrapped, role, None)
+        params = trainable_parameters(module) if module is not None else []
+        if not params:
+            continue
+        sharded = any(hasattr(p, "ds_tensor") for p in params)
+        local = [p.ds_tensor if sharded else p for p in params]
+        squares = torch.nn.utils.get_total_norm([t.detach() for t in local]).float() ** 2  # no float32 copies
+        if sharded:
+            squares = accelerator.reduce(squares.to(accelerator.device), "sum")
+        count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        out[f"weights/{role}_rms"] = math.sqrt(squares.item() / max(count, 1))
+    return out
+
+
+def check_weights_finite(accelerator, unwrapped: nn.Module, what: str) -> None:
+    """Refuse to save `what` when the trainable weights hold NaN or inf (the same answer on every process)."""
+    bad = [name for name, value in weight_metrics(accelerator, unwrapped).items() if not math.isfinite(value)]
+    if bad:
+        raise TrainingDiverged(f"non-finite {', '.join(bad)}: {what} not written")
 
 
 @torch.no_grad()
@@ -459,8 +538,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args, tokenizer, ema=None) -> str:
-    """Write output_dir/checkpoint-N via a temporary folder renamed when complete; prune to save_total_limit."""
+    """Write output_dir/checkpoint-N via a temporary folder renamed when complete; prune this run's checkpoints to
+    save_total_limit. Weights that are not finite are never written as a complete checkpoint."""
     output_dir = Path(args.output_dir)
+    check_weights_finite(accelerator, accelerator.unwrap_model(model), f"checkpoint-{state['step']}")
     final = output_dir / f"checkpoint-{state['step']}"
     partial = output_dir / f".partial-checkpoint-{state['step']}"
     if accelerator.is_main_process:
@@ -478,23 +559,41 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args,
                 torch.save(optimizer.state_dict(), partial / "optimizer.pt")
             torch.save(scheduler.state_dict(), partial / "scheduler.pt")
             (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            unwrapped.actor.save_pretrained(partial / "actor")
+            with dropout_config_restored(getattr(unwrapped, "dropout_changes", [])):
+                unwrapped.actor.save_pretrained(partial / "actor")
+                unwrapped.critic.save_pretrained(partial / "critic")
             tokenizer.save_pretrained(partial / "actor")
-            unwrapped.critic.save_pretrained(partial / "critic")
             if ema is not None:
                 torch.save({k: v.cpu() for k, v in ema.items()}, partial / "ema.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
-        common.mark_checkpoint_complete(partial, step=state["step"])
+        common.mark_checkpoint_complete(partial, step=state["step"], run_id=state["run_id"], saved_at=time.time())
         os.replace(partial, final)
         if args.save_total_limit:
-            done = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                          key=lambda p: int(p.name.split("-")[-1]))
-            for old in done[: -args.save_total_limit]:
+            for old in checkpoints_to_prune(output_dir, state["run_id"], args.save_total_limit):
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return str(final)
+
+
+def new_run_id() -> str:
+    """Names a run in its checkpoints, so that pruning never deletes another run's (a resumed run keeps its id)."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def checkpoints_to_prune(output_dir: Path, run_id: str, keep: int) -> list[Path]:
+    """This run's complete checkpoints but the `keep` newest written (by time, not step number: after a resume
+    from an older checkpoint, the one just written is the newest even if larger step numbers exist)."""
+    mine = []
+    for folder in output_dir.glob("checkpoint-*"):
+        marker = folder / common.CHECKPOINT_COMPLETE
+        info = json.loads(marker.read_text()) if marker.exists() else {}
+        if info.get("run_id") == run_id:
+            mine.append((info.get("saved_at", 0.0), folder))
+    return [folder for _, folder in sorted(mine)[:-keep]]
 
 
 def load_checkpoint(path: str, accelerator, model, optimizer, scheduler, ema=None) -> dict:
@@ -533,17 +632,20 @@ def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths
     from transformers import AutoModelForCausalLM
 
     unwrapped = accelerator.unwrap_model(model)
+    check_weights_finite(accelerator, unwrapped, "the final model")
     staging = Path(args.output_dir) / ".saving"
     with zero3_gathered(accelerator, trainable_parameters(unwrapped)):
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
-            unwrapped.actor.save_pretrained(staging)
+            with dropout_config_restored(getattr(unwrapped, "dropout_changes", [])):
+                unwrapped.actor.save_pretrained(staging)
+                unwrapped.critic.save_pretrained(staging / "critic")
             tokenizer.save_pretrained(staging)
-            unwrapped.critic.save_pretrained(staging / "critic")
     if ema is not None:
         with zero3_gathered(accelerator, trainable_parameters(unwrapped.actor), modifier_rank=0):
             if accelerator.is_main_process:
-                save_with_weights(unwrapped.actor, ema, staging / "ema")
+                with dropout_config_restored(getattr(unwrapped, "dropout_changes", [])):
+                    save_with_weights(unwrapped.actor, ema, staging / "ema")
                 tokenizer.save_pretrained(staging / "ema")
     if accelerator.is_main_process:
         if data_args.merge_adapter and model_args.use_peft:
@@ -600,6 +702,16 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
                                "gradient_accumulation_steps * num_mini_batches); pick a divisor")
     if args.temperature <= 0:
         raise common.UserError(f"--temperature {args.temperature}: must be positive (PPO needs sampling)")
+    if args.top_k != 0 or args.top_p != 1.0:
+        # Truncated sampling would make every rollout off-policy for log-probs of the full distribution, and the
+        # truncated reference gives probability 0 (an infinite KL) to tokens outside its own top-k / top-p. TRL's
+        # PPO trainer sampled with top_k 0 and top_p 1.0 for the same reason.
+        flag = f"--top_k {args.top_k}" if args.top_k != 0 else f"--top_p {args.top_p}"
+        raise common.UserError(f"{flag}: PPO samples from the full distribution at --temperature (its log-probs and "
+                               "KL are that distribution's); leave --top_k 0 and --top_p 1.0, and lower "
+                               "--temperature for less random answers")
+    if args.max_kl is None:
+        args.max_kl = float(args.response_length)  # 1 nat per token: see divergence()
     if args.critic_learning_rate is None:
         args.critic_learning_rate = args.learning_rate
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
@@ -612,6 +724,7 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
              "reward": common.resolve_model_path(args.reward_model_path, "--reward_model_path"),
              "critic": (common.resolve_model_path(args.critic_model_path, "--critic_model_path")
                         if args.critic_model_path else None)}
+    common.require_causal_lm(paths["sft"], "--sft_model_path")  # a reward model here would train silently
     for key, flag in (("reward", "--reward_model_path"), ("critic", "--critic_model_path")):
         if paths[key] is not None:
             rollout.check_reward_model(paths[key], flag)
@@ -739,9 +852,13 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
     # Stepped once per PPO iteration, by hand: accelerate would step it once per process.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.warmup_steps,
                               num_training_steps=args.max_steps)
+    # DeepSpeed's bf16 casts its engine's model (actor and critic) to bf16: the frozen copies follow, or the KL would
+    # compare bf16 with float32 log-probs and not be 0 at the first step. Quantized weights keep their own types.
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    dtype = next(p.dtype for p in accelerator.unwrap_model(model).actor.parameters() if p.is_floating_point())
     for frozen in (reference, reward):
         if frozen is not None:
-            frozen.to(accelerator.device)
+            frozen.to(accelerator.device, **({} if quantized else {"dtype": dtype}))
     unwrapped = accelerator.unwrap_model(model)
     # reward None: the reward model is the critic with its adapter off.
     reward_fn = rollout.reward_function(unwrapped.critic if reward is None else reward, tokenizer, reward_tokenizer,
@@ -840,7 +957,10 @@ def ppo_update(run: Setup, batch: dict, args: PPOArguments, context: int, ema: d
                                                          ptx)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        # The norm before clipping (under DeepSpeed: the previous step's, or None before one)
+                        norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        if norm is not None:
+                            stats.setdefault("grad_norm", []).append(torch.as_tensor(norm, dtype=torch.float32))
                     optimizer.step()
                     optimizer.zero_grad()
                 if ema is not None and accelerator.sync_gradients:  # after each real optimizer step
@@ -874,6 +994,8 @@ def iteration_metrics(accelerator, stats: dict, kl, logprobs, non_score_reward, 
     }
     if "ptx_loss" in stats:
         local["loss/ptx_avg"] = mean(stats["ptx_loss"])
+    if "grad_norm" in stats:  # the largest of the iteration's optimizer steps, before clipping
+        local["grad_norm_max"] = torch.stack([n.cpu() for n in stats["grad_norm"]]).max()
     names = list(local)
     reduced = accelerator.reduce(torch.stack([local[n].to(accelerator.device).float() for n in names]), "mean")
     metrics = dict(zip(names, reduced.tolist()))
@@ -888,14 +1010,43 @@ def log_samples(tokenizer, sample, raw_scores, step: int, count: int) -> None:
         logger.info(f"sample at step {step} (score {raw_scores[i].item():.3f}):\n...{prompt[-200:]!s}\n>>> {answer}")
 
 
+class TrainingDiverged(Exception):
+    """The run blew up (see divergence): one line on stderr, exit code 3, the last good checkpoint kept."""
+
+
 @common.exit_on_user_error
 def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelConfig) -> list[dict]:
+    """Run PPO (see train); whatever way it ends, give back the signal handlers and end the trackers."""
+    from accelerate import PartialState
+
+    with contextlib.ExitStack() as cleanup:
+        try:
+            return train(data_args, args, model_args, cleanup)
+        except TrainingDiverged as error:
+            cleanup.close()  # first: the progress bar ends its line, so that the error has one of its own
+            if PartialState().is_main_process:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(3)
+
+
+def train(data_args: common.DataArguments, args: PPOArguments, model_args: ModelConfig,
+          cleanup: contextlib.ExitStack) -> list[dict]:
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     paths = validate(args, model_args)
+    common.check_output_dir(args.output_dir, data_args.overwrite_output_dir, args.resume_from_checkpoint)
     accelerator = make_accelerator(args)
     resume = common.resolve_resume(args.resume_from_checkpoint, args.output_dir)
     run = setup(data_args, args, model_args, paths, accelerator)
+    # Every process built the same models from --seed; from here each samples from its own stream (TRL's
+    # local_seed), else N processes would draw the same random numbers. Process 0 keeps the single-process stream.
+    if accelerator.process_index > 0:
+        set_seed(args.seed + accelerator.process_index * 100003)
+    if data_args.overwrite_output_dir:  # last, once data and models loaded: a mistake above leaves the old run
+        with accelerator.main_process_first():
+            if accelerator.is_main_process:
+                common.set_previous_run_aside(args.output_dir)
     model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
     kl_controller = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
     score_moments = RunningMoments()
@@ -904,17 +1055,25 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
     if resume:
         state = load_checkpoint(resume, accelerator, model, optimizer, scheduler, ema)
         step, ptx_position = state["step"], state.get("ptx_position", 0)
-        kl_controller.value = state["kl_coef"]
+        if args.adaptive_kl:  # the controller's state; without it, --kl_coef as given now
+            kl_controller.value = state["kl_coef"]
         score_moments.__dict__.update(state["score_moments"])
+        run_id = state.get("run_id") or new_run_id()
         logger.info(f"resumed from {resume} at step {step}")
+    else:
+        run_id = new_run_id()  # read on the main process only, which writes the checkpoints
     if step >= args.max_steps:
         logger.info(f"already at step {step} of --max_steps {args.max_steps}")
     metrics_file = start_metrics_file(accelerator, args, step, bool(resume))
+    cleanup.callback(accelerator.end_training)
+    weights_at_start = weight_metrics(accelerator, unwrapped)
 
     device, stop_token_id = accelerator.device, run.generation_config.eos_token_id
     stop = StopRequested()
+    cleanup.callback(stop.restore)
     history, last_checkpoint = [], resume
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="PPO")
+    cleanup.callback(progress.close)
     while step < args.max_steps:
         started = time.perf_counter()
         # --- 1. rollout: the current policy answers this step's prompts ------------------------------------------
@@ -959,13 +1118,12 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
                    "time/generation_s": generated - started, "time/scoring_s": scored_at - generated,
                    "time/update_s": updated - scored_at, "memory/peak_gb": peak_memory_gb()}
         metrics["tokens_per_s"] = metrics["response_length_avg"] * run.global_batch / (updated - started)
-        bad = [k for k in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg")
-               if not math.isfinite(metrics[k])]
-        if bad:
-            accelerator.print(f"error: non-finite {', '.join(bad)} at step {step} (lower --learning_rate, set "
-                              f"--score_clip, or check the reward model); the last good checkpoint is "
-                              f"{last_checkpoint or 'none'} and was left untouched", file=sys.stderr)
-            sys.exit(3)
+        metrics.update(weight_metrics(accelerator, unwrapped))
+        problem = divergence(metrics, args.max_kl, weights_at_start)
+        if problem:
+            raise TrainingDiverged(f"training diverged at step {step}: {problem} (lower --learning_rate, set "
+                                   f"--score_clip, or check the reward model); the last good checkpoint is "
+                                   f"{last_checkpoint or 'none'} and was left untouched")
         history.append(metrics)
         if accelerator.is_main_process:
             with metrics_file.open("a") as out:
@@ -979,27 +1137,24 @@ def main(data_args: common.DataArguments, args: PPOArguments, model_args: ModelC
         if step % args.save_steps == 0 or stop_now:
             state = {"step": step, "kl_coef": kl_controller.value, "score_moments": vars(score_moments),
                      "data_position": step * run.global_batch, "ptx_position": ptx_position,
-                     "max_steps": args.max_steps}
+                     "max_steps": args.max_steps, "run_id": run_id}
             last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, state, args, run.tokenizer,
                                               ema)
         if stop_now:
-            progress.close()
             accelerator.print(f"stopped at step {step} on request; resume with --resume_from_checkpoint "
                               f"{last_checkpoint}")
-            accelerator.end_training()
-            stop.restore()
             return history
     progress.close()
-    stop.restore()
 
     save_final(accelerator, model, args, data_args, model_args, run.tokenizer, paths, ema)
     if accelerator.is_main_process:
+        common.drop_previous_run(args.output_dir)  # the final model is complete: an overwritten run may go now
         plots.plot_ppo(args.output_dir)  # OUTPUT_DIR/ppo_curves.png from metrics.jsonl
-    if history:
-        accelerator.print(f"PPO done: mean score {history[0]['objective/scores']:.3f} -> "
-                          f"{history[-1]['objective/scores']:.3f}, KL {history[-1]['objective/kl']:.3f}, "
-                          f"actor in {args.output_dir}")
-    accelerator.end_training()
+        logged = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+        if logged:  # from the run's first step, also after a resume
+            print(f"PPO done: mean score {logged[0]['objective/scores']:.3f} -> "
+                  f"{logged[-1]['objective/scores']:.3f}, KL {logged[-1]['objective/kl']:.3f}, "
+                  f"actor in {args.output_dir}", flush=True)
     return history
 
 

@@ -290,6 +290,9 @@ BAD_INPUT = {
                            "needs --use_peft"),
     "unknown KL estimator": (lambda sft, rm, tmp: ["--kl_estimator", "k9"], "use k1 or k3"),
     "EMA decay out of range": (lambda sft, rm, tmp: ["--ema_decay", "1.5"], "must be in [0, 1)"),
+    "a sequence classifier as the policy": (lambda sft, rm, tmp: ["--sft_model_path", rm],
+                                            ": not a causal language model (architectures ['OPTForSequence"),
+    "truncated sampling": (lambda sft, rm, tmp: ["--top_k", "50"], "--top_k 50: PPO samples from the full"),
 }
 
 
@@ -299,7 +302,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(env, demo_models,
     sft, reward = demo_models
     out = tmp_path / "out"
     argv = [str(a) for a in ppo_run(demo_models, out)[2:] + make_flags(sft, reward, tmp_path)]
-    with pytest.raises(SystemExit) as exit_info:  # the validation layer (parse_args) or ppo.main itself
+    with pytest.raises(SystemExit) as exit_info:  # refused by parse_args (flags, paths) or by ppo.main
         ppo.main(*common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv))
     assert exit_info.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
@@ -328,7 +331,9 @@ def test_non_finite_score_stops_with_a_message_and_keeps_the_last_checkpoint(env
     result = run(ppo_run(demo_models, out, "--reward_model_path", broken, "--max_steps", "3", "--save_steps", "1"),
                  env, check=False)
     assert result.returncode == 3
-    assert "non-finite objective/scores" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: training diverged at step 1: non-finite "), errors
+    assert "objective/scores" in errors[0]
     assert common.newest_complete_checkpoint(out) is None and not (out / "adapter_model.safetensors").exists()
 
 
@@ -385,6 +390,13 @@ def test_full_fine_tuning_trains_the_actor_and_keeps_the_reference_frozen(env, d
     changed = [n for n, p in actor.state_dict().items() if not torch.equal(p, initial[n])]
     assert len(changed) > len(initial) // 2, "the actor's weights barely moved"
     assert not (out / "adapter_config.json").exists()
+    # PPO switches dropout off for training only: the saved configs keep the models' own values.
+    dropout = {name: json.loads((Path(folder) / "config.json").read_text())["dropout"]
+               for name, folder in (("sft", sft), ("reward", demo_models[1]))}
+    assert dropout["sft"] > 0 and dropout["reward"] > 0
+    for folder, model in ((out, "sft"), (out / "ema", "sft"), (out / "critic", "reward"),
+                          (out / "checkpoint-1" / "actor", "sft"), (out / "checkpoint-1" / "critic", "reward")):
+        assert json.loads((folder / "config.json").read_text())["dropout"] == dropout[model], folder
     # The EMA of a fully trained actor is a full model too: 0.25 w0 + 0.25 w1 + 0.5 w2 (one step per iteration).
     ema = AutoModelForCausalLM.from_pretrained(out / "ema").state_dict()
     w1 = torch.load(out / "checkpoint-1" / "trainable_params.pt")
@@ -561,3 +573,130 @@ def test_logged_learning_rates_are_the_ones_each_iteration_used(env, demo_models
                           "--learning_rate", "1e-3", "--critic_learning_rate", "4e-3", "--save_steps", "100")
     assert [m["lr"] for m in history] == pytest.approx([1e-3, 5e-4])
     assert [m["critic_lr"] for m in history] == pytest.approx([4e-3, 2e-3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 7: re-runs, explosions, resumes, several processes, DeepSpeed dtypes
+# ---------------------------------------------------------------------------------------------------------------
+def old_run(folder):
+    """What an earlier ppo.py run leaves: a complete checkpoint, metrics and a final adapter."""
+    common.mark_checkpoint_complete(folder / "checkpoint-5", step=5, run_id="earlier", saved_at=1.0)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "objective/scores": 1.0}) + "\n"
+                                                  for s in range(1, 6)))
+    (folder / "adapter_config.json").write_text("{}")
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_fresh_run_into_another_runs_folder_is_refused_then_replaced_on_request(env, demo_models, tmp_path, capsys):
+    out = tmp_path / "ppo"
+    before = old_run(out)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_main(demo_models, out, "--save_steps", "1", "--save_total_limit", "1")
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and "already holds a run (checkpoint-5" in errors[0], errors
+    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+    history, _ = ppo_main(demo_models, out, "--save_steps", "1", "--save_total_limit", "1",
+                          "--overwrite_output_dir", "true")
+    assert [m["step"] for m in history] == [1, 2] and [m["step"] for m in metrics(out)] == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # its own, kept by the pruning
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppo"], "the old run is gone once the new one finished"
+    assert f"actor in {out}" in capsys.readouterr().out
+
+
+def test_a_run_that_blows_up_exits_3_naming_the_metric_and_the_last_good_checkpoint(env, demo_models, tmp_path,
+                                                                                      capsys):
+    """--learning_rate 1e6 once exited 0 with weights of ~1e7 (and 1e20 marked a checkpoint of ~1e20 complete).
+    One warmup iteration at learning rate 0 writes a good checkpoint-1; the next, at the full rate, blows up."""
+    import re
+
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    for learning_rate in ("1e6", "1e20"):
+        out = tmp_path / learning_rate
+        with pytest.raises(SystemExit) as exit_info:
+            ppo_main(demo_models, out, "--max_steps", "3", "--save_steps", "1", "--learning_rate", learning_rate,
+                     "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "1")
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert exit_info.value.code == 3 and len(errors) == 1, errors
+        assert re.match(r"error: training diverged at step 2: (non-finite )?weights/actor_rms", errors[0]), errors[0]
+        assert errors[0].endswith(f"the last good checkpoint is {out / 'checkpoint-1'} and was left untouched")
+        assert common.newest_complete_checkpoint(out) == str(out / "checkpoint-1")
+        assert not (out / "checkpoint-2").exists() and not (out / "adapter_model.safetensors").exists()
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+
+
+def test_resume_keeps_the_kl_coef_given_and_reports_the_score_from_the_first_step(env, demo_models, tmp_path,
+                                                                                   capsys):
+    out = tmp_path / "ppo"
+    ppo_main(demo_models, out, "--max_steps", "1", "--save_steps", "1")
+    capsys.readouterr()
+    resumed, _ = ppo_main(demo_models, out, "--max_steps", "2", "--save_steps", "1", "--kl_coef", "0.2",
+                          "--resume_from_checkpoint", "true")
+    assert [m["objective/kl_coef"] for m in resumed] == [0.2]  # not the checkpoint's 0.05 (no --adaptive_kl)
+    logged = metrics(out)
+    assert (f"PPO done: mean score {logged[0]['objective/scores']:.3f} -> {logged[1]['objective/scores']:.3f}"
+            in capsys.readouterr().out)
+
+
+SPY_ROLLOUTS = """
+import os, sys, torch
+import common, ppo, rollout
+generate = rollout.generate_rollout
+def spy(*args, **kwargs):
+    sample = generate(*args, **kwargs)
+    torch.save(sample.responses, os.path.join(sys.argv[1], f"responses-{os.environ['RANK']}.pt"))
+    return sample
+rollout.generate_rollout = spy
+ppo.main(*common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), sys.argv[2:]))
+"""
+
+
+def test_two_processes_sample_with_their_own_seeds(env, demo_models, tmp_path):
+    """Every prompt the same: processes that sampled with the same seed would give the same answers."""
+    data = tmp_path / "same.jsonl"
+    row = {"prompt": "\n\nHuman: What color is the sky?\n\nAssistant:", "chosen": " Blue.", "rejected": " Red."}
+    data.write_text((json.dumps(row) + "\n") * 40)
+    (tmp_path / "spy.py").write_text(SPY_ROLLOUTS)
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+               tmp_path / "spy.py", tmp_path, *ppo_run(demo_models, out, *SHORT, "--max_steps", "1", "--dataset_name",
+                                                       data, "--data_split", "0,0,1")[2:]]
+    run(command, env)
+    first, second = (torch.load(tmp_path / f"responses-{rank}.pt") for rank in (0, 1))
+    assert first.shape == second.shape == (4, 6) and not torch.equal(first, second)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_under_deepspeed_bf16_starts_with_kl_0(env, demo_models, tmp_path):
+    """accelerate_config.yaml (ZeRO-2, bf16) casts actor and critic to bf16; the float32-loaded reference and reward
+    model must follow, or the first step's KL (actor == reference) is not 0."""
+    out = tmp_path / "ds"
+    run(accelerate_script(*ppo_run(demo_models, out, *SHORT, "--max_steps", "1", "--use_peft", "false",
+                                   "--learning_rate", "1e-5", "--save_steps", "100")[1:]), env)
+    assert abs(metrics(out)[0]["objective/kl"]) < 1e-4
+
+
+def test_a_reward_lora_trained_on_an_sft_adapter_loads_back_on_that_sft_policy(env, tmp_path):
+    """reward.py merges an SFT adapter into its base and trains a LoRA on that: loading the reward adapter must
+    give the model it was trained as (the SFT delta included), not its LoRA on the raw base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import ModelConfig
+
+    torch.manual_seed(0)
+    base = common.resolve_model_path(common.BUILTIN_MODEL)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    sft.save_pretrained(tmp_path / "sft")
+    trained = common.load_model(ModelConfig(), AutoModelForSequenceClassification, str(tmp_path / "sft"),
+                                num_labels=1)  # as reward.py loads it
+    trained = get_peft_model(trained, LoraConfig(r=4, task_type="SEQ_CLS")).eval()
+    trained.save_pretrained(tmp_path / "reward")
+    ids = torch.tensor([[5, 17, 42, 9, 2]])
+    reloaded = common.load_model(ModelConfig(), AutoModelForSequenceClassification, str(tmp_path / "reward"),
+                                 num_labels=1).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-5)

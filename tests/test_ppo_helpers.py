@@ -241,3 +241,95 @@ def test_shard_of_shuffle_gives_processes_disjoint_slices_and_covers_a_pass():
     assert sorted(sum(first_pass, [])) == rows  # one pass: every row once, no process sees another's rows
     assert rollout.shard_of_shuffle(rows, 3, 2, 5, 2, 1) == first_pass[5]  # a pure function of the position
     assert rollout.shard_of_shuffle(rows, 3, 4, 5, 2, 0) != first_pass[0]  # the next pass is shuffled afresh
+
+
+# ---- issue 7: health guards, score normalisation, checkpoints, sampling ------------------------------------------
+@pytest.mark.parametrize("batches", [[[2.0, 2.0, 2.0, 2.0], [2.0, 2.1, 1.9, 2.0]], [[3.0], [3.5]]])
+def test_normalised_scores_stay_finite_after_a_constant_batch_or_a_batch_of_one(batches):
+    """Variance 0 after the first batch (a constant one, or a global batch of a single score) must not divide."""
+    moments = ppo.RunningMoments()
+    for values in batches:
+        values = torch.tensor(values)
+        moments.update(values)
+        normalised = (values - moments.mean) / moments.std
+        assert torch.isfinite(normalised).all() and normalised.abs().max() <= 0.5 / ppo.RunningMoments.STD_FLOOR
+    assert moments.std >= ppo.RunningMoments.STD_FLOOR
+
+
+SANE = {"objective/kl": 3.0, "objective/scores": 1.0, "loss/policy_avg": -0.1, "grad_norm_max": 4.0,
+        "weights/actor_rms": 0.05, "weights/critic_rms": 0.5, "step": 3}
+AT_START = {"weights/actor_rms": 0.04, "weights/critic_rms": 0.4}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({}, None),
+    ({"loss/policy_avg": float("nan")}, "non-finite loss/policy_avg"),
+    ({"grad_norm_max": float("inf"), "objective/scores": float("nan")}, "non-finite objective/scores, grad_norm_max"),
+    ({"objective/kl": 50.5}, "objective/kl 50.5 is beyond --max_kl 50 (nats per sequence)"),
+    ({"objective/kl": -60.0}, "objective/kl -60 is beyond --max_kl 50"),
+    ({"weights/actor_rms": 4.5}, "weights/actor_rms 4.5 grew over 100x its 0.04 at the start"),
+    ({"weights/critic_rms": 1e7}, "weights/critic_rms 1e+07 grew over 100x"),
+])
+def test_divergence_names_the_metric_that_blew_up(change, expected):
+    found = ppo.divergence({**SANE, **change}, max_kl=50.0, weights_at_start=AT_START)
+    assert found == expected if expected is None else found.startswith(expected), found
+
+
+def test_weights_that_are_not_finite_are_never_saved():
+    model = torch.nn.Module()
+    model.actor, model.critic = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    ppo.check_weights_finite(None, model, "checkpoint-1")
+    assert ppo.weight_metrics(None, model)["weights/critic_rms"] == pytest.approx(
+        model.critic.weight.detach().pow(2).sum().add(model.critic.bias.detach().pow(2).sum()).div(4).sqrt().item())
+    with torch.no_grad():
+        model.actor.weight[0, 0] = float("inf")
+    with pytest.raises(ppo.TrainingDiverged, match="non-finite weights/actor_rms: checkpoint-2 not written"):
+        ppo.check_weights_finite(None, model, "checkpoint-2")
+
+
+def test_pruning_keeps_other_runs_checkpoints_and_the_newest_written(tmp_path):
+    """save_total_limit prunes only this run's checkpoints, newest written kept: another run's checkpoint-10 (or one
+    from before run ids) stays, and after a resume from an older checkpoint the one just written is kept."""
+    import common
+
+    for step, run_id, saved_at in [(10, "other", 1.0), (2, "mine", 2.0), (6, "mine", 3.0), (3, "mine", 4.0)]:
+        common.mark_checkpoint_complete(tmp_path / f"checkpoint-{step}", step=step, run_id=run_id, saved_at=saved_at)
+    common.mark_checkpoint_complete(tmp_path / "checkpoint-20", step=20)  # written before run ids
+    assert ppo.checkpoints_to_prune(tmp_path, "mine", 2) == [tmp_path / "checkpoint-2"]
+    assert ppo.checkpoints_to_prune(tmp_path, "mine", 1) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-6"]
+
+
+def test_rollout_log_probs_are_those_of_the_distribution_generate_sampled_from():
+    """generate()'s processed scores (after its temperature and any top-k / top-p) give the same log-probs as the
+    training forward pass: ppo.py samples from the full distribution at --temperature, whatever the checkpoint's
+    generation_config says (here top_k 5, which would truncate it)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=100, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, ffn_dim=32,
+                       num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, eos_token_id=2,
+                       bos_token_id=2, dropout=0.0)
+    actor = OPTForCausalLM(config).eval()
+    actor.generation_config.top_k = 5
+    generation = rollout.sampling_config(6, temperature=0.7, top_k=0, top_p=1.0, stop_token_id=2, pad_token_id=0)
+    queries = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    query_mask = (queries != 0).long()
+    with torch.no_grad():
+        out = actor.generate(input_ids=queries, attention_mask=query_mask, generation_config=generation,
+                             output_scores=True, return_dict_in_generate=True)
+    responses = out.sequences[:, queries.shape[1]:]
+    sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+    sampled = sampled.gather(2, responses.unsqueeze(2)).squeeze(2)
+    batch = rollout.Rollout(queries, query_mask, responses, torch.ones_like(responses),
+                            torch.zeros(2, dtype=torch.bool))
+    trained = rollout.response_logprobs(actor, batch, temperature=0.7)
+    assert torch.allclose(sampled, trained, atol=1e-4)
+
+
+@pytest.mark.parametrize("option, flag", [({"top_k": 50}, "--top_k 50"), ({"top_p": 0.9}, "--top_p 0.9")])
+def test_ppo_refuses_truncated_sampling(option, flag):
+    import common
+
+    args = ppo.PPOArguments(sft_model_path="builtin:tiny-opt", reward_model_path="builtin:tiny-opt", **option)
+    with pytest.raises(common.UserError, match=f"^{flag}: PPO samples from the full distribution at --temperature"):
+        ppo.validate(args, ppo.ModelConfig())
