@@ -381,6 +381,9 @@ def default_bf16_off(dataclass_types, argv: list[str]) -> bool:
         return False
     if any(arg.startswith("--bf16") for arg in argv) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
         return False
+    # A 4/8-bit model computes in bf16: its float32 heads need bf16 autocast to meet it.
+    if any(arg.startswith(("--load_in_4bit", "--load_in_8bit")) for arg in argv):
+        return False
     if "--config" in argv and argv.index("--config") + 1 < len(argv):
         import yaml
 
@@ -388,7 +391,7 @@ def default_bf16_off(dataclass_types, argv: list[str]) -> bool:
             config = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())
         except (OSError, yaml.YAMLError):
             return False  # the parser reports the config file itself
-        if isinstance(config, dict) and "bf16" in config:
+        if isinstance(config, dict) and ({"bf16", "load_in_4bit", "load_in_8bit"} & set(config)):
             return False
     return True
 

@@ -25,3 +25,13 @@ def test_bf16_kept_when_asked_or_native(monkeypatch, tmp_path):
     assert parse_sft(monkeypatch, tmp_path, ["--bf16", "true"]).bf16 is True
     assert parse_sft(monkeypatch, tmp_path, [], config="bf16: true\n").bf16 is True
     assert parse_sft(monkeypatch, tmp_path, [], fast_bf16=True).bf16 is True
+
+
+def test_bf16_kept_for_quantized_models(monkeypatch, tmp_path):
+    from trl import ModelConfig, SFTConfig
+
+    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    args, _ = common.parse_args((SFTConfig, ModelConfig), ["--output_dir", str(tmp_path / "o"), "--use_peft",
+                                                          "--load_in_4bit"])
+    assert args.bf16 is True
