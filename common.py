@@ -259,7 +259,7 @@ RANGES = {
     "per_device_train_batch_size": AT_LEAST_1, "per_device_eval_batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1, "eval_accumulation_steps": AT_LEAST_1, "max_length": AT_LEAST_1,
     "max_prompt_length": AT_LEAST_1, "response_length": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
-    "max_prompts": AT_LEAST_1, "batch_size": AT_LEAST_1, "generation_batch_size": AT_LEAST_1,
+    "max_prompts": AT_LEAST_1, "held_out_pairs": AT_LEAST_1, "batch_size": AT_LEAST_1, "generation_batch_size": AT_LEAST_1,
     "ptx_batch_size": AT_LEAST_1, "ptx_max_length": AT_LEAST_1, "show": NON_NEGATIVE, "num_samples": NON_NEGATIVE,
     "pad_to_multiple_of": AT_LEAST_1, "dataset_num_proc": AT_LEAST_1, "dataloader_num_workers": NON_NEGATIVE,
     "dataloader_prefetch_factor": AT_LEAST_1,
