@@ -284,7 +284,7 @@ RANGES = {
     "kl_coef": NON_NEGATIVE, "target_kl": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
     "vf_coef": POSITIVE, "entropy_coef": NON_NEGATIVE, "gamma": Range(0, 1), "lam": Range(0, 1),
     "missing_eos_penalty": NON_NEGATIVE, "ema_decay": Range(0, 1, high_open=True), "ptx_coef": NON_NEGATIVE,
-    "max_kl": POSITIVE,
+    "max_kl": POSITIVE, "num_generations": AT_LEAST_1, "num_samples_per_prompt": AT_LEAST_1,
     "score_clip": Range(0, low_open=True, hint="0 makes every score 0; leave it unset for no clipping"),
     # seeds and distribution
     "seed": SEED, "data_seed": SEED, "local_rank": Range(-1), "ddp_timeout": AT_LEAST_1,

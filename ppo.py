@@ -17,6 +17,8 @@ The four roles, and why only two copies of weights are needed with LoRA:
 - critic: the reward model's backbone with its own LoRA adapter, and a value head initialised from the reward
   model's score head (a PEFT `modules_to_save` copy, so the reward model's own head stays untouched), read at every
   token. Switching the critic adapter off gives back the reward model exactly.
+With --advantage_estimator rloo or grpo there is no critic: K samples per prompt (--num_generations) and each
+sample's baseline comes from the other samples of its prompt; the reward model is then loaded on its own.
 """
 
 from __future__ import annotations
@@ -94,8 +96,9 @@ class PPOArguments:
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     kl_coef: float = field(default=0.05, metadata={"help": "Weight of the KL(actor || reference) penalty per token."})
-    kl_estimator: str = field(default="k1", metadata={"help": "KL estimator: k1 (log-ratio, unbiased) or k3 "
-                              "(non-negative, lower variance)."})
+    kl_estimator: str | None = field(default=None, metadata={"help": "KL estimator: k1 (log-ratio, unbiased) or k3 "
+                                     "(non-negative, lower variance). Default: k1 in the reward, k3 with "
+                                     "--kl_in_loss (k1 is refused there: its gradient is 0 on average)."})
     adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef towards --target_kl (Ziegler et al.)."})
     target_kl: float = field(default=6.0, metadata={"help": "Target KL per sequence for --adaptive_kl."})
     kl_horizon: int = field(default=10000, metadata={"help": "Horizon, in episodes, of the adaptive KL controller."})
@@ -106,6 +109,23 @@ class PPOArguments:
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     whiten_rewards: bool = field(default=False, metadata={"help": "Whiten the per-token rewards before GAE."})
+    # advantage estimators (see the README's "Advantage estimators")
+    advantage_estimator: str = field(default="gae", metadata={"help": "gae (a critic's values, GAE), rloo (each "
+                                     "sample's baseline is the mean score of the other samples of its prompt, "
+                                     "Ahmadian et al. 2024) or grpo (scores normalised by their prompt group's mean "
+                                     "and std, Shao et al. 2024). rloo and grpo build, train and save no critic."})
+    num_generations: int | None = field(default=None, metadata={"help": "Samples per prompt, K (TRL's name; alias "
+                                        "--num_samples_per_prompt): each prompt fills K consecutive rows of the "
+                                        "rollout batch. Default 1; rloo and grpo need at least 2."})
+    num_samples_per_prompt: int | None = field(default=None, metadata={"help": "Alias of --num_generations."})
+    kl_in_loss: bool = field(default=False, metadata={"help": "Put the KL(actor || reference) in the loss, kl_coef "
+                             "times its mean per token (GRPO), instead of subtracting it from the reward. Default "
+                             "estimator there: k3."})
+    scale_rewards: str = field(default="group", metadata={"help": "grpo: divide by the std of the prompt's group "
+                               "(group), of the whole rollout batch (batch), or by nothing (none) (TRL's GRPO name)."})
+    normalize_advantages: bool = field(default=False, metadata={"help": "rloo, grpo: normalise the advantages to "
+                                       "mean 0 and std 1 over the rollout batch (TRL's RLOO name); GAE's advantages "
+                                       "are always whitened."})
     max_kl: float | None = field(default=None, metadata={"help": "Stop the run (exit 3, last good checkpoint kept) "
                                  "when objective/kl, the KL to the reference per sequence, goes beyond this many "
                                  "nats (default: 1 per token of --response_length)."})
@@ -212,6 +232,30 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: 
         last = delta + gamma * lam * last
         advantages[:, t] = last
     return advantages
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "rloo", "grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): each sample's reward minus the mean reward of the other k-1
+    samples of its prompt. rewards: (n * k,), each prompt's k samples consecutive."""
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).flatten()
+
+
+def grpo_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): each sample's reward minus its prompt group's mean, divided by the group's std
+    (scale "group"), the whole batch's (scale "batch", Liu et al. 2025) or not at all ("none"); stds unbiased, eps
+    as TRL's. rewards: (n * k,), each prompt's k samples consecutive."""
+    grouped = rewards.view(-1, k)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale == "none":
+        return centred.flatten()
+    std = grouped.std(1, keepdim=True) if scale == "group" else rewards.std()
+    return (centred / (std + eps)).flatten()
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
@@ -348,7 +392,8 @@ def divergence(metrics: dict, max_kl: float, weights_at_start: dict) -> str | No
 # ----------------------------------------------------------------------------------------------------------------
 class ActorCritic(nn.Module):
     """Actor and critic in one module, so one accelerate/DeepSpeed engine, one optimizer (two learning rates) and
-    one backward pass serve both. The frozen reference and reward model live inside them (adapters off)."""
+    one backward pass serve both. The frozen reference and reward model live inside them (adapters off). critic
+    None: a critic-free estimator (rloo, grpo), the actor alone."""
 
     def __init__(self, actor, critic):
         super().__init__()
@@ -359,13 +404,14 @@ class ActorCritic(nn.Module):
         policy's logits on a PTX batch if given: one forward through the (DDP/DeepSpeed-wrapped) module, so one
         backward covers all three."""
         ptx_logits = None if ptx_ids is None else rollout.policy_logits(self.actor, ptx_ids, ptx_mask)
-        return (rollout.policy_logits(self.actor, input_ids, attention_mask, keep=logits_to_keep),
-                rollout.per_token_scores(self.critic, input_ids, attention_mask), ptx_logits)
+        values = None if self.critic is None else rollout.per_token_scores(self.critic, input_ids, attention_mask)
+        return rollout.policy_logits(self.actor, input_ids, attention_mask, keep=logits_to_keep), values, ptx_logits
 
 
-def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None = None):
-    """The loss of one micro-batch: clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy
-    (+ ptx_coef * LM loss on the PTX batch `ptx` = (ids, mask)); returns (loss, stats dict)."""
+def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None = None, kl_coef: float = 0.0):
+    """The loss of one micro-batch: clipped policy loss + vf_coef * clipped value loss (with a critic)
+    - entropy_coef * entropy (+ kl_coef * mean KL to the reference per token with --kl_in_loss, from
+    batch["ref_logprobs"]) (+ ptx_coef * LM loss on the PTX batch `ptx` = (ids, mask)); returns (loss, stats)."""
     ptx_ids, ptx_mask = ptx if ptx is not None else (None, None)
     # Position t predicts token t+1: the logits and values for the response are those at context-1 .. end-1, so
     # the vocabulary head runs on those positions only.
@@ -373,19 +419,23 @@ def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None =
                                            batch["responses"].shape[1] + 1)
     logits = logits[:, :-1]
     new_logprobs = rollout.logprobs_from_logits(logits, batch["responses"], args.temperature)
-    new_values = new_values[:, context - 1:-1]
     mask = batch["mask"]
     pg_loss, clipfrac, approxkl, ratio = clipped_policy_loss(new_logprobs, batch["logprobs"], batch["advantages"],
                                                              mask, args.cliprange)
-    vf_loss, vf_clipfrac = clipped_value_loss(new_values, batch["values"], batch["returns"], mask,
-                                              args.cliprange_value)
-    loss = pg_loss + args.vf_coef * vf_loss
+    loss = pg_loss
+    stats = dict(approxkl=approxkl, clipfrac=clipfrac, pg_loss=pg_loss, ratio=ratio)
+    if new_values is not None:
+        vf_loss, vf_clipfrac = clipped_value_loss(new_values[:, context - 1:-1], batch["values"], batch["returns"],
+                                                  mask, args.cliprange_value)
+        loss = loss + args.vf_coef * vf_loss
+        stats.update(vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
+    if args.kl_in_loss:  # GRPO: the KL as a loss term, its gradient through the new log-probs
+        stats["kl_loss"] = masked_mean(kl_per_token(new_logprobs, batch["ref_logprobs"], args.kl_estimator), mask)
+        loss = loss + kl_coef * stats["kl_loss"]
     with torch.set_grad_enabled(args.entropy_coef != 0 and torch.is_grad_enabled()):
-        entropy = masked_mean(rollout.entropy_from_logits(logits, args.temperature), mask)
+        stats["entropy"] = masked_mean(rollout.entropy_from_logits(logits, args.temperature), mask)
     if args.entropy_coef:
-        loss = loss - args.entropy_coef * entropy
-    stats = dict(approxkl=approxkl, clipfrac=clipfrac, pg_loss=pg_loss, vf_loss=vf_loss, vf_clipfrac=vf_clipfrac,
-                 entropy=entropy, ratio=ratio)
+        loss = loss - args.entropy_coef * stats["entropy"]
     if ptx_logits is not None:
         # InstructGPT's PPO-ptx: keep the policy a good language model of the SFT/pretraining data, against the
         # "alignment tax" RL would otherwise take on it.
@@ -408,6 +458,7 @@ def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_
     """Load the SFT policy, reward model and critic; return (actor_critic, reference or None, reward or None).
 
     reference None means "the actor with its adapter off"; reward None means "the critic with its adapter off".
+    A critic-free estimator (rloo, grpo) builds no critic: actor_critic.critic is None, the reward model stands alone.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -417,7 +468,9 @@ def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_
     reward = common.load_model(model_args, AutoModelForSequenceClassification, paths["reward"], "--reward_model_path",
                                num_labels=1)
     reward.config.pad_token_id = reward_tokenizer.pad_token_id
-    if paths["critic"] is not None:
+    if args.advantage_estimator != "gae":
+        critic = None
+    elif paths["critic"] is not None:
         critic = common.load_model(model_args, AutoModelForSequenceClassification, paths["critic"],
                                    "--critic_model_path", num_labels=1)
     elif not rollout.same_tokenizer(tokenizer, reward_tokenizer):
@@ -430,7 +483,7 @@ def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_
         critic = copy.deepcopy(reward)
     shared = critic is reward
     if quantized:
-        for model in {id(m): m for m in (actor, reward, critic)}.values():
+        for model in {id(m): m for m in (actor, reward, critic) if m is not None}.values():
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
             keep_4bit_weights_trainable(model)
     reference = None
@@ -442,9 +495,10 @@ def build_models(args: PPOArguments, model_args: ModelConfig, tokenizer, reward_
         actor = get_peft_model(actor, get_peft_config(replace(model_args, lora_task_type="CAUSAL_LM")))
         # SEQ_CLS puts the score head in modules_to_save: the critic trains a copy of it as its value head, and
         # with the adapter off the untouched original gives the reward model's score.
-        critic = get_peft_model(critic, get_peft_config(replace(model_args, lora_task_type="SEQ_CLS")))
+        if critic is not None:
+            critic = get_peft_model(critic, get_peft_config(replace(model_args, lora_task_type="SEQ_CLS")))
     if args.gradient_checkpointing:
-        for model in (actor, critic):
+        for model in (m for m in (actor, critic) if m is not None):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
     changed = []
@@ -561,7 +615,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, state: dict, args,
             (partial / "trainer_state.json").write_text(json.dumps(state, indent=1))
             with dropout_config_restored(getattr(unwrapped, "dropout_changes", [])):
                 unwrapped.actor.save_pretrained(partial / "actor")
-                unwrapped.critic.save_pretrained(partial / "critic")
+                if unwrapped.critic is not None:
+                    unwrapped.critic.save_pretrained(partial / "critic")
             tokenizer.save_pretrained(partial / "actor")
             if ema is not None:
                 torch.save({k: v.cpu() for k, v in ema.items()}, partial / "ema.pt")
@@ -596,8 +651,13 @@ def checkpoints_to_prune(output_dir: Path, run_id: str, keep: int) -> list[Path]
     return [folder for _, folder in sorted(mine)[:-keep]]
 
 
-def load_checkpoint(path: str, accelerator, model, optimizer, scheduler, ema=None) -> dict:
+def load_checkpoint(path: str, accelerator, model, optimizer, scheduler, args, ema=None) -> dict:
     path = Path(path)
+    state = json.loads((path / "trainer_state.json").read_text())
+    for flag, default in (("advantage_estimator", "gae"), ("num_generations", 1)):
+        if state.get(flag, default) != getattr(args, flag):
+            raise common.UserError(f"--resume_from_checkpoint {path}: it was written with --{flag} "
+                                   f"{state.get(flag, default)}, not {getattr(args, flag)}; resume with the same")
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.distributed_type == "DEEPSPEED":
         model.load_checkpoint(str(path / "deepspeed"), load_module_strict=False, load_lr_scheduler_states=False)
@@ -622,12 +682,12 @@ def load_checkpoint(path: str, accelerator, model, optimizer, scheduler, ema=Non
     rng_file = path / f"rng_state_{accelerator.process_index}.pth"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+    return state
 
 
 def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths, ema=None) -> None:
-    """The actor (adapter or full) + tokenizer in output_dir, the critic in output_dir/critic, the EMA actor in
-    output_dir/ema, optionally merged."""
+    """The actor (adapter or full) + tokenizer in output_dir, the critic (if any) in output_dir/critic, the EMA actor
+    in output_dir/ema, optionally merged."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -639,7 +699,8 @@ def save_final(accelerator, model, args, data_args, model_args, tokenizer, paths
             shutil.rmtree(staging, ignore_errors=True)
             with dropout_config_restored(getattr(unwrapped, "dropout_changes", [])):
                 unwrapped.actor.save_pretrained(staging)
-                unwrapped.critic.save_pretrained(staging / "critic")
+                if unwrapped.critic is not None:
+                    unwrapped.critic.save_pretrained(staging / "critic")
             tokenizer.save_pretrained(staging)
     if ema is not None:
         with zero3_gathered(accelerator, trainable_parameters(unwrapped.actor), modifier_rank=0):
@@ -683,8 +744,7 @@ class StopRequested:
 def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
     """Every check that needs no model weights, before anything is loaded or written."""
     common.check_model_flags(model_args)
-    if args.kl_estimator not in ("k1", "k3"):
-        raise common.UserError(f"--kl_estimator {args.kl_estimator}: use k1 or k3")
+    validate_estimator(args)
     if args.generation_backend not in rollout.GENERATION_BACKENDS:
         raise common.UserError(f"--generation_backend {args.generation_backend}: use one of "
                                f"{', '.join(rollout.GENERATION_BACKENDS)}")
@@ -692,6 +752,11 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
                  "response_length", "max_prompt_length", "save_steps"):
         if getattr(args, flag) < 1:
             raise common.UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.local_rollout_batch_size % args.num_generations:
+        raise common.UserError(f"--num_generations {args.num_generations} does not divide the rollout batch per "
+                               f"device ({args.local_rollout_batch_size} = per_device_train_batch_size * "
+                               "gradient_accumulation_steps * num_mini_batches): each prompt's samples must be on "
+                               "one device")
     if args.generation_batch_size is None:
         args.generation_batch_size = args.local_rollout_batch_size
     if args.generation_batch_size < 1:
@@ -712,7 +777,7 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
                                "--temperature for less random answers")
     if args.max_kl is None:
         args.max_kl = float(args.response_length)  # 1 nat per token: see divergence()
-    if args.critic_learning_rate is None:
+    if args.critic_learning_rate is None and args.advantage_estimator == "gae":
         args.critic_learning_rate = args.learning_rate
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
         raise common.UserError(f"--ema_decay {args.ema_decay}: must be in [0, 1) (DeepSpeed-Chat uses 0.992)")
@@ -729,6 +794,40 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
         if paths[key] is not None:
             rollout.check_reward_model(paths[key], flag)
     return paths
+
+
+def validate_estimator(args: PPOArguments) -> None:
+    """The advantage estimator and the options that go with it; fills in num_generations and kl_estimator."""
+    estimator = args.advantage_estimator
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise common.UserError(f"--advantage_estimator {estimator}: use one of {', '.join(ADVANTAGE_ESTIMATORS)}")
+    if None not in (args.num_generations, args.num_samples_per_prompt) and \
+            args.num_generations != args.num_samples_per_prompt:
+        raise common.UserError(f"--num_generations {args.num_generations} and --num_samples_per_prompt "
+                               f"{args.num_samples_per_prompt}: the same option under two names; give one")
+    args.num_generations = args.num_samples_per_prompt = args.num_generations or args.num_samples_per_prompt or 1
+    if estimator != "gae" and args.num_generations < 2:
+        raise common.UserError(f"--advantage_estimator {estimator} needs --num_generations (alias "
+                               "--num_samples_per_prompt) of at least 2: its baseline is the other samples of "
+                               "the same prompt")
+    if args.scale_rewards not in SCALE_REWARDS:
+        raise common.UserError(f"--scale_rewards {args.scale_rewards}: use one of {', '.join(SCALE_REWARDS)}")
+    only = {"--scale_rewards": ("grpo",) if args.scale_rewards != "group" else None,
+            "--normalize_advantages": ("rloo", "grpo") if args.normalize_advantages else None,
+            "--critic_model_path": ("gae",) if args.critic_model_path else None,
+            "--critic_learning_rate": ("gae",) if args.critic_learning_rate is not None else None,
+            "--whiten_rewards": ("gae",) if args.whiten_rewards else None}
+    for flag, estimators in only.items():
+        if estimators is not None and estimator not in estimators:
+            raise common.UserError(f"{flag} applies to --advantage_estimator {' or '.join(estimators)} only, not "
+                                   f"{estimator}")
+    if args.kl_estimator is None:
+        args.kl_estimator = "k3" if args.kl_in_loss else "k1"
+    if args.kl_estimator not in ("k1", "k3"):
+        raise common.UserError(f"--kl_estimator {args.kl_estimator}: use k1 or k3")
+    if args.kl_in_loss and args.kl_estimator == "k1":
+        raise common.UserError("--kl_estimator k1 with --kl_in_loss: the gradient of k1 is 0 on average, so the "
+                               "term would not pull towards the reference; use k3 (GRPO's)")
 
 
 def load_ptx_data(data_args, args: PPOArguments, tokenizer):
@@ -827,22 +926,23 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
         check_prompts_fit(data_args, tokenizer, args.max_prompt_length)
         train, _ = common.prepare_step_data(data_args, tokenizer, "ppo", args.max_prompt_length, args.max_prompt_length)
     global_batch = args.local_rollout_batch_size * accelerator.num_processes
-    if len(train) < global_batch:
-        raise common.UserError(f"{len(train)} PPO prompts are fewer than one rollout batch ({global_batch} = "
-                               "per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches * "
-                               "processes); use more data or smaller batches")
+    if len(train) < global_batch // args.num_generations:
+        raise common.UserError(f"{len(train)} PPO prompts are fewer than one rollout batch needs "
+                               f"({global_batch // args.num_generations} = per_device_train_batch_size * "
+                               "gradient_accumulation_steps * num_mini_batches * processes / num_generations); use "
+                               "more data or smaller batches")
     if args.total_episodes is not None:
         args.max_steps = max(1, args.total_episodes // global_batch)
     if not rollout.same_tokenizer(tokenizer, reward_tokenizer) and args.critic_model_path is None:
-        logger.info("the reward model has its own tokenizer: texts are re-tokenized for scoring, and the critic "
-                    "starts from the SFT policy's backbone with a fresh value head")
+        logger.info("the reward model has its own tokenizer: texts are re-tokenized for scoring" +
+                    (", and the critic starts from the SFT policy's backbone with a fresh value head"
+                     if args.advantage_estimator == "gae" else ""))
 
     model, reference, reward = build_models(args, model_args, tokenizer, reward_tokenizer, paths)
-    actor_params = [p for p in model.actor.parameters() if p.requires_grad]
-    critic_params = [p for p in model.critic.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": actor_params, "lr": args.learning_rate},
-                                   {"params": critic_params, "lr": args.critic_learning_rate}],
-                                  weight_decay=args.weight_decay, eps=1e-5)
+    groups = [{"params": trainable_parameters(model.actor), "lr": args.learning_rate}]
+    if model.critic is not None:
+        groups.append({"params": trainable_parameters(model.critic), "lr": args.critic_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, eps=1e-5)
     if accelerator.state.deepspeed_plugin is not None:
         # There is no dataloader for accelerate to read the micro-batch size from.
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -877,7 +977,10 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
     n, rank = accelerator.num_processes, accelerator.process_index
 
     def prompt_batch(step: int) -> list[list[int]]:
-        return rollout.shard_of_shuffle(prompt_ids, args.local_rollout_batch_size, step, args.seed, n, rank)
+        """Each prompt num_generations times in a row: K independent samples, in consecutive rows (a group)."""
+        k = args.num_generations
+        prompts = rollout.shard_of_shuffle(prompt_ids, args.local_rollout_batch_size // k, step, args.seed, n, rank)
+        return [ids for ids in prompts for _ in range(k)]
 
     def ptx_batch(position: int) -> list[list[int]]:
         return rollout.shard_of_shuffle(ptx_ids, args.ptx_batch_size, position, args.seed + 7919, n, rank)
@@ -925,8 +1028,11 @@ def shape_scores(scores: torch.Tensor, has_stop: torch.Tensor, args: PPOArgument
 
 def advantages_and_returns(non_score_reward, scores, values, response_mask, args: PPOArguments, accelerator):
     """Per-token rewards (the KL penalty, plus the score at the last response token), then GAE; advantages are
-    whitened. Whitening statistics span all processes' rollouts, so N processes do the math of one with N batches."""
+    whitened. Whitening statistics span all processes' rollouts, so N processes do the math of one with N batches.
+    Critic-free estimators (values None): see group_advantages; returns None."""
     mask = response_mask.float()
+    if args.advantage_estimator != "gae":
+        return group_advantages(scores + non_score_reward.sum(1), args, accelerator)[:, None] * mask, None
     rewards = non_score_reward.clone()
     rewards[torch.arange(len(rewards), device=rewards.device), rollout.last_token_index(response_mask)] += scores
     sum_all = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
@@ -937,9 +1043,26 @@ def advantages_and_returns(non_score_reward, scores, values, response_mask, args
     return masked_whiten(advantages, mask, sum_all=sum_all), returns
 
 
-def ppo_update(run: Setup, batch: dict, args: PPOArguments, context: int, ema: dict | None, ptx_position: int):
+def group_advantages(rewards: torch.Tensor, args: PPOArguments, accelerator) -> torch.Tensor:
+    """One advantage per sequence from its reward (the score, minus kl_coef * its KL unless --kl_in_loss, as TRL's
+    RLOO): RLOO's or GRPO's baseline within each prompt's group, computed on all processes' rewards gathered (so
+    batch statistics are global), then this process's share; --normalize_advantages: to mean 0, std 1 over all."""
+    everyone = accelerator.gather(rewards) if accelerator.num_processes > 1 else rewards
+    if args.advantage_estimator == "rloo":
+        advantages = rloo_advantages(everyone, args.num_generations)
+    else:
+        advantages = grpo_advantages(everyone, args.num_generations, args.scale_rewards)
+    if args.normalize_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
+    start = accelerator.process_index * len(rewards)
+    return advantages[start:start + len(rewards)]
+
+
+def ppo_update(run: Setup, batch: dict, args: PPOArguments, context: int, ema: dict | None, ptx_position: int,
+               kl_coef: float = 0.0):
     """num_ppo_epochs passes over the rollout batch, num_mini_batches optimizer steps each (in micro-batches of
-    per_device_train_batch_size); returns (lists of per-micro-batch stats, the new PTX position)."""
+    per_device_train_batch_size); kl_coef weighs the KL loss term of --kl_in_loss. Returns (lists of
+    per-micro-batch stats, the new PTX position)."""
     accelerator, model, optimizer, actor = run.accelerator, run.model, run.optimizer, run.unwrapped.actor
     stats = {}
     mini_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -954,7 +1077,7 @@ def ppo_update(run: Setup, batch: dict, args: PPOArguments, context: int, ema: d
                     ptx_position += 1
                 with accelerator.accumulate(model), accelerator.autocast():
                     loss, micro_stats = micro_batch_loss(model, {k: v[idx] for k, v in batch.items()}, args, context,
-                                                         ptx)
+                                                         ptx, kl_coef)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # The norm before clipping (under DeepSpeed: the previous step's, or None before one)
@@ -984,16 +1107,16 @@ def iteration_metrics(accelerator, stats: dict, kl, logprobs, non_score_reward, 
         "policy/approxkl_avg": mean(stats["approxkl"]),
         "policy/clipfrac_avg": mean(stats["clipfrac"]),
         "loss/policy_avg": mean(stats["pg_loss"]),
-        "loss/value_avg": mean(stats["vf_loss"]),
-        "val/clipfrac_avg": mean(stats["vf_clipfrac"]),
         "policy/entropy_avg": mean(stats["entropy"]),
         "val/ratio": mean(stats["ratio"]),
         "val/ratio_var": torch.stack(stats["ratio"]).var() if len(stats["ratio"]) > 1 else torch.tensor(0.0),
         "val/num_eos_tokens": ((sample.responses == stop_token_id) & sample.response_mask.bool()).sum().float(),
         "response_length_avg": sample.response_mask.sum(1).float().mean(),
     }
-    if "ptx_loss" in stats:
-        local["loss/ptx_avg"] = mean(stats["ptx_loss"])
+    for name, key in (("loss/value_avg", "vf_loss"), ("val/clipfrac_avg", "vf_clipfrac"), ("loss/kl_avg", "kl_loss"),
+                      ("loss/ptx_avg", "ptx_loss")):  # with a critic; with --kl_in_loss; with --ptx_coef
+        if key in stats:
+            local[name] = mean(stats[key])
     if "grad_norm" in stats:  # the largest of the iteration's optimizer steps, before clipping
         local["grad_norm_max"] = torch.stack([n.cpu() for n in stats["grad_norm"]]).max()
     names = list(local)
@@ -1053,7 +1176,7 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
     ema = initial_ema(accelerator, unwrapped, args.ema_decay)
     step, ptx_position = 0, 0  # ptx_position: PTX micro-batches consumed so far (the same count on every process)
     if resume:
-        state = load_checkpoint(resume, accelerator, model, optimizer, scheduler, ema)
+        state = load_checkpoint(resume, accelerator, model, optimizer, scheduler, args, ema)
         step, ptx_position = state["step"], state.get("ptx_position", 0)
         if args.adaptive_kl:  # the controller's state; without it, --kl_coef as given now
             kl_controller.value = state["kl_coef"]
@@ -1084,16 +1207,18 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
                                               args.generation_batch_size, run.logprobs_temperature)
         generated = time.perf_counter()
 
-        # --- 2. score: log-probs under actor and reference, the critic's values, the reward model's scores -------
+        # --- 2. score: log-probs under actor and reference, the critic's values (if any), the reward model's scores
         scored = rollout.score_rollout(sample, unwrapped.actor, run.reference, unwrapped.critic, run.reward_fn,
                                        args.temperature, args.generation_batch_size, accelerator.autocast)
         scores, shaped = shape_scores(scored["scores"], sample.has_stop, args, score_moments, accelerator)
 
-        # --- 3. advantages: a KL penalty per token, the score at the last one, then GAE --------------------------
+        # --- 3. advantages: a KL penalty per token (unless --kl_in_loss), the score at the last one, then GAE;
+        #        or, critic-free, one advantage per sequence from the other samples of its prompt (rloo, grpo) --
         mask = sample.response_mask.float()
-        logprobs, ref_logprobs, values = (scored[k] * mask for k in ("logprobs", "ref_logprobs", "values"))
+        logprobs, ref_logprobs, values = (None if scored[k] is None else scored[k] * mask
+                                          for k in ("logprobs", "ref_logprobs", "values"))
         kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator) * mask
-        non_score_reward = -kl_controller.value * kl
+        non_score_reward = torch.zeros_like(kl) if args.kl_in_loss else -kl_controller.value * kl
         advantages, returns = advantages_and_returns(non_score_reward, shaped, values, sample.response_mask, args,
                                                      accelerator)
         scored_at = time.perf_counter()
@@ -1101,8 +1226,10 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
         # --- 4. update: clipped policy and value losses, num_ppo_epochs passes over the rollout -------------------
         unwrapped.train()
         batch = dict(input_ids=sample.input_ids, attention_mask=sample.attention_mask, responses=sample.responses,
-                     logprobs=logprobs, values=values, advantages=advantages, returns=returns, mask=mask)
-        stats, ptx_position = ppo_update(run, batch, args, sample.context, ema, ptx_position)
+                     logprobs=logprobs, values=values, advantages=advantages, returns=returns, mask=mask,
+                     ref_logprobs=ref_logprobs if args.kl_in_loss else None)
+        batch = {k: v for k, v in batch.items() if v is not None}  # no values or returns without a critic
+        stats, ptx_position = ppo_update(run, batch, args, sample.context, ema, ptx_position, kl_controller.value)
         learning_rates = scheduler.get_last_lr()  # the rates this iteration used, for the metrics
         scheduler.step()
         step += 1
@@ -1114,7 +1241,8 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
         metrics = {"step": step, "episode": step * run.global_batch,
                    **iteration_metrics(accelerator, stats, kl, logprobs, non_score_reward, scores, shaped, sample,
                                        stop_token_id),
-                   "lr": learning_rates[0], "critic_lr": learning_rates[1], "objective/kl_coef": kl_controller.value,
+                   "lr": learning_rates[0], **({"critic_lr": learning_rates[1]} if len(learning_rates) > 1 else {}),
+                   "objective/kl_coef": kl_controller.value,
                    "time/generation_s": generated - started, "time/scoring_s": scored_at - generated,
                    "time/update_s": updated - scored_at, "memory/peak_gb": peak_memory_gb()}
         metrics["tokens_per_s"] = metrics["response_length_avg"] * run.global_batch / (updated - started)
@@ -1137,7 +1265,8 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
         if step % args.save_steps == 0 or stop_now:
             state = {"step": step, "kl_coef": kl_controller.value, "score_moments": vars(score_moments),
                      "data_position": step * run.global_batch, "ptx_position": ptx_position,
-                     "max_steps": args.max_steps, "run_id": run_id}
+                     "max_steps": args.max_steps, "run_id": run_id,
+                     "advantage_estimator": args.advantage_estimator, "num_generations": args.num_generations}
             last_checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, state, args, run.tokenizer,
                                               ema)
         if stop_now:

@@ -5,15 +5,21 @@
     python bench/ppo_step.py --config recipes/opt-1.3b/ppo.yaml \
         --actor_config ../shared/model-configs/opt-1.3b.json --reward_config ../shared/model-configs/opt-1.3b.json
 
+    python bench/ppo_step.py --config recipes/demo/ppo.yaml --sft_model_path out/demo/sft \
+        --reward_model_path out/demo/reward --compare_estimators gae,rloo,grpo --num_generations 4
+
 It runs ppo.py's own loop (ppo.main) for --bench_steps iterations into a temporary output_dir, then prints the
 per-iteration split from metrics.jsonl; the first iteration is reported apart (warm-up). --actor_config /
 --reward_config build random-weight models from an architecture config (e.g. OPT-1.3b), saved as temporary
 checkpoints in --dtype, with the demo tokenizer: no hub access, the speed and memory of the real architecture.
-Any ppo.py flag can be added.
+Any ppo.py flag can be added. --compare_estimators runs the bench once per advantage estimator, each in a fresh
+process (a process's peak memory never goes down), with the same flags (--num_generations too, so that every
+estimator generates and trains on the same number of sequences), and prints one table.
 """
 
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +39,11 @@ class BenchArguments:
                                      "this config.json (e.g. ../shared/model-configs/opt-1.3b.json)."})
     reward_config: str | None = field(default=None, metadata={"help": "Build a random-weight reward model (one "
                                       "label) from this config.json."})
+    compare_estimators: str | None = field(default=None, metadata={"help": "Comma-separated advantage estimators "
+                                           "(e.g. gae,rloo,grpo): one bench each, in its own process, then a table "
+                                           "of seconds per iteration and peak memory."})
+    json_out: str | None = field(default=None, metadata={"help": "Also write the iterations' metrics to this JSON "
+                                 "file (used by --compare_estimators)."})
 
 
 def build_random(config_file: str, kind: str, target: Path, dtype: str) -> str:
@@ -59,6 +70,8 @@ def build_random(config_file: str, kind: str, target: Path, dtype: str) -> str:
 def main():
     bench_args, data_args, args, model_args = common.parse_args(
         (BenchArguments, common.DataArguments, ppo.PPOArguments, ModelConfig))
+    if bench_args.compare_estimators:
+        return compare_estimators(bench_args.compare_estimators.split(","), sys.argv[1:])
     common.setup_logging()
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
         dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
@@ -72,7 +85,46 @@ def main():
         history = ppo.main(data_args, args, model_args)
     if not history:
         return
+    if bench_args.json_out:
+        Path(bench_args.json_out).write_text(json.dumps(history))
     report(history, args)
+
+
+def without_flag(argv: list[str], name: str) -> list[str]:
+    """argv without `--name value` / `--name=value`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == f"--{name}":
+            skip = True
+        elif not arg.startswith(f"--{name}="):
+            out.append(arg)
+    return out
+
+
+def compare_estimators(estimators: list[str], argv: list[str]) -> None:
+    """One bench per estimator, each a fresh process; then seconds per iteration (mean after the first) and peak
+    memory side by side."""
+    for name in ("compare_estimators", "json_out", "advantage_estimator"):
+        argv = without_flag(argv, name)
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="ppo-bench-compare-") as tmp:
+        for estimator in estimators:
+            out = Path(tmp) / f"{estimator}.json"
+            command = [sys.executable, __file__, *argv, "--advantage_estimator", estimator, "--json_out", str(out)]
+            print(f"--- {estimator}: {' '.join(command[1:])}", flush=True)
+            subprocess.run(command, check=True)
+            rows[estimator] = json.loads(out.read_text())
+    unit = "CUDA max allocated" if _cuda() else "CPU max RSS"
+    print(f"\n{'estimator':>10} {'generation':>11} {'scoring':>9} {'update':>9} {'total':>9} {'peak memory':>12}   "
+          f"(seconds per iteration, mean of iterations 2..N; peak memory: {unit})")
+    for estimator, history in rows.items():
+        later = history[1:] or history
+        split = [statistics.mean(m[k] for m in later) for k in ("time/generation_s", "time/scoring_s", "time/update_s")]
+        peak = max(m["memory/peak_gb"] for m in history)
+        print(f"{estimator:>10} {split[0]:>10.3f}s {split[1]:>8.3f}s {split[2]:>8.3f}s {sum(split):>8.3f}s "
+              f"{peak:>8.2f} GiB")
 
 
 def report(history, args):

@@ -293,6 +293,14 @@ BAD_INPUT = {
     "a sequence classifier as the policy": (lambda sft, rm, tmp: ["--sft_model_path", rm],
                                             ": not a causal language model (architectures ['OPTForSequence"),
     "truncated sampling": (lambda sft, rm, tmp: ["--top_k", "50"], "--top_k 50: PPO samples from the full"),
+    "rloo with one sample per prompt": (lambda sft, rm, tmp: ["--advantage_estimator", "rloo"],
+                                        "--advantage_estimator rloo needs --num_generations"),
+    "groups across devices": (lambda sft, rm, tmp: ["--advantage_estimator", "grpo", "--num_samples_per_prompt", "3"],
+                              "--num_generations 3 does not divide the rollout batch per device"),
+    "a critic for grpo": (lambda sft, rm, tmp: ["--advantage_estimator", "grpo", "--num_generations", "2",
+                                                "--critic_model_path", rm], "--critic_model_path applies to"),
+    "k1 in the loss": (lambda sft, rm, tmp: ["--kl_in_loss", "true", "--kl_estimator", "k1"],
+                       "--kl_estimator k1 with --kl_in_loss"),
 }
 
 
@@ -700,3 +708,70 @@ def test_a_reward_lora_trained_on_an_sft_adapter_loads_back_on_that_sft_policy(e
                                  num_labels=1).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 9: critic-free advantage estimators (rloo, grpo)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("estimator, extra", [("rloo", ["--num_generations", "2"]),
+                                              ("grpo", ["--num_samples_per_prompt", "2", "--kl_in_loss", "true"])])
+def test_critic_free_run_builds_trains_and_saves_no_critic(env, demo_models, tmp_path, monkeypatch, estimator, extra):
+    """rloo / grpo: no critic anywhere (model, optimizer, metrics, checkpoint, output); the reward model is loaded
+    on its own and scores as the standalone reward model; each prompt is sampled K times in consecutive rows."""
+    from transformers import AutoModelForSequenceClassification
+
+    generate, queries = rollout.generate_rollout, []
+
+    def spy(actor, batch_queries, *args, **kwargs):
+        queries.append(batch_queries)
+        return generate(actor, batch_queries, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate_rollout", spy)
+    out = tmp_path / estimator
+    history, built = ppo_main(demo_models, out, "--advantage_estimator", estimator, *extra, "--save_steps", "2",
+                              monkeypatch=monkeypatch)
+    model = built["model"]
+    assert model.critic is None and not any(n.startswith("critic.") for n, _ in model.named_parameters())
+    reward = built["reward"]
+    assert reward is not None and not hasattr(reward, "peft_config")  # the reward model alone, not a critic's base
+    standalone = AutoModelForSequenceClassification.from_pretrained(demo_models[1]).state_dict()
+    assert all(torch.equal(p, standalone[n]) for n, p in reward.state_dict().items())
+    assert [m["step"] for m in history] == [1, 2]
+    for absent in ("loss/value_avg", "val/clipfrac_avg", "critic_lr", "weights/critic_rms"):
+        assert absent not in history[-1], absent
+    assert ("loss/kl_avg" in history[-1]) == ("--kl_in_loss" in extra)
+    assert all(math.isfinite(m["loss/policy_avg"]) and math.isfinite(m["objective/scores"]) for m in history)
+    saved = torch.load(out / "checkpoint-2" / "trainable_params.pt")
+    assert saved and all(n.startswith("actor.") for n in saved)
+    assert len(torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=False)["param_groups"]) == 1
+    assert not (out / "critic").exists() and not (out / "checkpoint-2" / "critic").exists()
+    assert (out / "adapter_model.safetensors").exists()
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["advantage_estimator"] == estimator and state["num_generations"] == 2
+    for batch in queries:  # 4 rows: 2 prompts, each twice in a row
+        assert torch.equal(batch[0], batch[1]) and torch.equal(batch[2], batch[3]) and not torch.equal(batch[0], batch[2])
+
+
+def test_resume_of_an_rloo_run_gives_the_same_weights_as_an_uninterrupted_run(env, demo_models, tmp_path, capsys):
+    flags = ["--advantage_estimator", "rloo", "--num_generations", "2", "--save_steps", "2",
+             "--lr_scheduler_type", "constant"]
+    straight, _ = ppo_main(demo_models, tmp_path / "straight", *flags, "--max_steps", "4")
+    ppo_main(demo_models, tmp_path / "resumed", *flags, "--max_steps", "2")
+    resumed, _ = ppo_main(demo_models, tmp_path / "resumed", *flags, "--max_steps", "4",
+                          "--resume_from_checkpoint", "true")
+    assert [m["step"] for m in resumed] == [3, 4]
+    end, again = (torch.load(tmp_path / run / "checkpoint-4" / "trainable_params.pt") for run in ("straight", "resumed"))
+    middle = torch.load(tmp_path / "resumed" / "checkpoint-2" / "trainable_params.pt")
+    assert end.keys() == again.keys() and all(n.startswith("actor.") for n in end)
+    for name in end:
+        assert torch.allclose(end[name], again[name], atol=1e-6, rtol=0), name
+    assert any(not torch.equal(end[n], middle[n]) for n in end)  # steps 3-4 did change the weights
+    assert [m["objective/scores"] for m in resumed] == pytest.approx([m["objective/scores"] for m in straight[2:]],
+                                                                     abs=1e-6)
+    # Another estimator cannot continue it: one line, exit 2.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_main(demo_models, tmp_path / "resumed", "--max_steps", "6", "--resume_from_checkpoint", "true")
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert "it was written with --advantage_estimator rloo, not gae" in errors[0], errors

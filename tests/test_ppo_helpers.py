@@ -1,6 +1,7 @@
 """Unit tests of ppo.py's and rollout.py's pure helpers, against plain Python loops and hand-computed values."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -333,3 +334,143 @@ def test_ppo_refuses_truncated_sampling(option, flag):
     args = ppo.PPOArguments(sft_model_path="builtin:tiny-opt", reward_model_path="builtin:tiny-opt", **option)
     with pytest.raises(common.UserError, match=f"^{flag}: PPO samples from the full distribution at --temperature"):
         ppo.validate(args, ppo.ModelConfig())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# critic-free advantage estimators (rloo, grpo), on hand-made scores
+# ---------------------------------------------------------------------------------------------------------------
+def test_rloo_baseline_is_the_mean_of_the_other_samples_of_the_same_prompt():
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, 3 samples each
+    # prompt 1: baselines (2+6)/2, (1+6)/2, (1+2)/2; prompt 2: (0+3)/2, (0+3)/2, (0+0)/2
+    expected = [1 - 4, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0]
+    assert ppo.rloo_advantages(scores, 3).tolist() == pytest.approx(expected)
+    assert ppo.rloo_advantages(torch.tensor([5.0, 2.0]), 2).tolist() == pytest.approx([3.0, -3.0])
+    # k/(k-1) times the distance to the group mean: each prompt's advantages sum to 0
+    assert ppo.rloo_advantages(scores, 3).view(2, 3).sum(1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def test_grpo_normalises_by_the_group_or_the_batch_or_not_at_all():
+    scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])
+    std1, std2 = math.sqrt((4 + 1 + 9) / 2), math.sqrt((1 + 1 + 4) / 2)  # unbiased, around means 3 and 1
+    centred = [-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]
+    group = [c / (std1 + 1e-4) for c in centred[:3]] + [c / (std2 + 1e-4) for c in centred[3:]]
+    assert ppo.grpo_advantages(scores, 3, "group").tolist() == pytest.approx(group)
+    mean = sum(scores.tolist()) / 6
+    batch_std = math.sqrt(sum((s - mean) ** 2 for s in scores.tolist()) / 5)
+    assert ppo.grpo_advantages(scores, 3, "batch").tolist() == pytest.approx([c / (batch_std + 1e-4) for c in centred])
+    assert ppo.grpo_advantages(scores, 3, "none").tolist() == pytest.approx(centred)
+    # a prompt whose samples all scored the same teaches nothing: 0, not NaN
+    assert ppo.grpo_advantages(torch.tensor([2.0, 2.0, 1.0, 3.0]), 2).tolist() == pytest.approx(
+        [0.0, 0.0, -1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])
+
+
+class FakeAccelerator:
+    """Process `process_index` of `num_processes`, whose gather returns all processes' rewards: `everyone`."""
+
+    def __init__(self, everyone, num_processes=1, process_index=0):
+        self.everyone, self.num_processes, self.process_index = everyone, num_processes, process_index
+
+    def gather(self, tensor):
+        return self.everyone
+
+
+@pytest.mark.parametrize("estimator, extra", [("rloo", {}), ("rloo", {"normalize_advantages": True}),
+                                              ("grpo", {"scale_rewards": "batch"})])
+def test_group_advantages_of_two_processes_are_those_of_one_process_over_the_whole_batch(estimator, extra):
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, -1.0, 3.0, 0.5, 0.5])  # 4 prompts x 2 samples, 2 per process
+    args = ppo.PPOArguments(advantage_estimator=estimator, num_generations=2, **extra)
+    whole = ppo.group_advantages(rewards, args, FakeAccelerator(rewards))
+    halves = [ppo.group_advantages(rewards[4 * i:4 * i + 4], args, FakeAccelerator(rewards, 2, i)) for i in (0, 1)]
+    assert torch.allclose(torch.cat(halves), whole)
+    if extra.get("normalize_advantages"):
+        assert whole.mean().item() == pytest.approx(0.0, abs=1e-6) and whole.std().item() == pytest.approx(1.0, 1e-3)
+
+
+def test_critic_free_advantage_is_the_sequence_reward_with_its_kl_penalty_on_every_response_token():
+    """TRL's RLOO: sequence reward = score - kl_coef * (sum of the KL over the response), then the baseline; the
+    advantage is the same on each response token and 0 on padding; no returns (no critic)."""
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    scores = torch.tensor([1.0, 2.0, 0.0, 4.0])
+    args = ppo.PPOArguments(advantage_estimator="rloo", num_generations=2)
+    advantages, returns = ppo.advantages_and_returns(-0.5 * kl, scores, None, mask, args, FakeAccelerator(None))
+    rewards = [1.0 - 0.5 * 0.6, 2.0 - 0.5 * 1.0, 0.0 - 0.5 * 1.0, 4.0]
+    per_sequence = [rewards[0] - rewards[1], rewards[1] - rewards[0], rewards[2] - rewards[3], rewards[3] - rewards[2]]
+    assert returns is None
+    assert torch.allclose(advantages, torch.tensor(per_sequence)[:, None] * mask)
+
+
+def tiny_actor():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=100, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, ffn_dim=32,
+                       num_attention_heads=2, max_position_embeddings=32, pad_token_id=0, eos_token_id=2,
+                       bos_token_id=2, dropout=0.0)
+    return OPTForCausalLM(config)
+
+
+def test_kl_in_loss_adds_kl_coef_times_the_mean_k3_kl_and_its_gradient():
+    """--kl_in_loss: loss = clipped policy loss + kl_coef * masked mean of k3(new log-probs, reference's), and no
+    value loss without a critic; the term's gradient reaches the actor."""
+    model = ppo.ActorCritic(tiny_actor(), None)
+    generator = torch.Generator().manual_seed(1)
+    queries, responses = torch.randint(3, 100, (3, 4), generator=generator), torch.randint(3, 100, (3, 5),
+                                                                                          generator=generator)
+    mask = torch.ones(3, 5)
+    mask[2, 3:] = 0
+    batch = dict(input_ids=torch.cat([queries, responses], 1), attention_mask=torch.ones(3, 9, dtype=torch.long),
+                 responses=responses, mask=mask, logprobs=-torch.rand(3, 5, generator=generator) * 5,
+                 advantages=torch.randn(3, 5, generator=generator), ref_logprobs=-torch.rand(3, 5, generator=generator) * 5)
+    args = ppo.PPOArguments(advantage_estimator="rloo", num_generations=2, kl_in_loss=True)
+    ppo.validate_estimator(args)
+    assert args.kl_estimator == "k3"  # the default in the loss
+    with_kl, stats = ppo.micro_batch_loss(model, batch, args, 4, kl_coef=0.3)
+    without, plain_stats = ppo.micro_batch_loss(model, batch, replace(args, kl_in_loss=False), 4)
+    new_logprobs = rollout.response_logprobs(model.actor, rollout.Rollout(queries, torch.ones_like(queries), responses,
+                                                                          mask.long(), torch.zeros(3, dtype=torch.bool)),
+                                             args.temperature)
+    kl = ppo.masked_mean(ppo.kl_per_token(new_logprobs, batch["ref_logprobs"], "k3"), mask)
+    assert stats["kl_loss"].item() == pytest.approx(kl.item(), rel=1e-5) and kl.item() > 0.1
+    assert (with_kl - without).item() == pytest.approx(0.3 * kl.item(), rel=1e-4)
+    assert "vf_loss" not in stats and "kl_loss" not in plain_stats
+    model.zero_grad()
+    (with_kl - without).backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.actor.parameters())
+
+
+BAD_ESTIMATOR_FLAGS = {
+    "unknown estimator": ({"advantage_estimator": "ppo2"}, "--advantage_estimator ppo2: use one of gae, rloo, grpo"),
+    "rloo with one sample": ({"advantage_estimator": "rloo"}, "needs --num_generations (alias"),
+    "grpo with one sample": ({"advantage_estimator": "grpo", "num_samples_per_prompt": 1}, "at least 2"),
+    "the two names disagree": ({"num_generations": 2, "num_samples_per_prompt": 4}, "the same option under two"),
+    "K does not divide the batch": ({"advantage_estimator": "rloo", "num_generations": 3}, "does not divide"),
+    "a critic for rloo": ({"advantage_estimator": "rloo", "num_generations": 2, "critic_model_path": "x"},
+                          "--critic_model_path applies to --advantage_estimator gae only, not rloo"),
+    "a critic learning rate for grpo": ({"advantage_estimator": "grpo", "num_generations": 2,
+                                         "critic_learning_rate": 1e-5}, "--critic_learning_rate applies to"),
+    "scale_rewards without grpo": ({"advantage_estimator": "rloo", "num_generations": 2, "scale_rewards": "batch"},
+                                   "--scale_rewards applies to --advantage_estimator grpo only"),
+    "unknown scale_rewards": ({"advantage_estimator": "grpo", "num_generations": 2, "scale_rewards": "max"},
+                              "use one of group, batch, none"),
+    "normalize_advantages with gae": ({"normalize_advantages": True}, "applies to --advantage_estimator rloo or"),
+    "k1 in the loss": ({"kl_in_loss": True, "kl_estimator": "k1"}, "--kl_estimator k1 with --kl_in_loss"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ESTIMATOR_FLAGS))
+def test_ppo_refuses_estimator_flags_that_do_not_go_together(case):
+    import common
+
+    option, message = BAD_ESTIMATOR_FLAGS[case]
+    args = ppo.PPOArguments(sft_model_path="builtin:tiny-opt", reward_model_path="builtin:tiny-opt", **option)
+    with pytest.raises(common.UserError, match=message.replace("(", r"\(")):
+        ppo.validate(args, ppo.ModelConfig())
+
+
+def test_num_samples_per_prompt_is_num_generations():
+    args = ppo.PPOArguments(advantage_estimator="grpo", num_samples_per_prompt=4)
+    ppo.validate_estimator(args)
+    assert args.num_generations == 4 and args.kl_estimator == "k1"
+    ppo.validate_estimator(args)  # again (bench and tests validate twice): the same
+    assert args.num_generations == args.num_samples_per_prompt == 4
