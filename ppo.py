@@ -815,12 +815,13 @@ def validate_estimator(args: PPOArguments) -> None:
     only = {"--scale_rewards": ("grpo",) if args.scale_rewards != "group" else None,
             "--normalize_advantages": ("rloo", "grpo") if args.normalize_advantages else None,
             "--critic_model_path": ("gae",) if args.critic_model_path else None,
-            "--critic_learning_rate": ("gae",) if args.critic_learning_rate is not None else None,
             "--whiten_rewards": ("gae",) if args.whiten_rewards else None}
     for flag, estimators in only.items():
         if estimators is not None and estimator not in estimators:
             raise common.UserError(f"{flag} applies to --advantage_estimator {' or '.join(estimators)} only, not "
                                    f"{estimator}")
+    if estimator != "gae" and args.critic_learning_rate is not None:  # e.g. from a GAE recipe: harmless
+        logger.warning(f"--critic_learning_rate is not used: --advantage_estimator {estimator} has no critic")
     if args.kl_estimator is None:
         args.kl_estimator = "k3" if args.kl_in_loss else "k1"
     if args.kl_estimator not in ("k1", "k3"):

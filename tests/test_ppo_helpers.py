@@ -447,8 +447,6 @@ BAD_ESTIMATOR_FLAGS = {
     "K does not divide the batch": ({"advantage_estimator": "rloo", "num_generations": 3}, "does not divide"),
     "a critic for rloo": ({"advantage_estimator": "rloo", "num_generations": 2, "critic_model_path": "x"},
                           "--critic_model_path applies to --advantage_estimator gae only, not rloo"),
-    "a critic learning rate for grpo": ({"advantage_estimator": "grpo", "num_generations": 2,
-                                         "critic_learning_rate": 1e-5}, "--critic_learning_rate applies to"),
     "scale_rewards without grpo": ({"advantage_estimator": "rloo", "num_generations": 2, "scale_rewards": "batch"},
                                    "--scale_rewards applies to --advantage_estimator grpo only"),
     "unknown scale_rewards": ({"advantage_estimator": "grpo", "num_generations": 2, "scale_rewards": "max"},
