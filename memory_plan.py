@@ -367,6 +367,7 @@ class Setup:
     response_length: int = 256
     generation_batch: int = 8
     other_tokenizer: bool = False  # ppo: the reward model reads other tokens, so the critic starts from the SFT model
+    critic_free: bool = False  # ppo: --advantage_estimator rloo / grpo, no critic at all
     device: str = "cuda"  # "cpu": the CPU code paths (for bench/memory_validate.py)
 
 
@@ -460,63 +461,72 @@ def _config_dropout(name: str) -> float:
 
 
 def plan_ppo(setup: Setup) -> tuple[list, dict, list]:
-    """ppo.py: actor + reference (the actor with LoRA off), critic + reward model (the critic with LoRA off)."""
+    """ppo.py: actor + reference (the actor with LoRA off), critic + reward model (the critic with LoRA off); with
+    a critic-free estimator (critic_free), the reward model alone."""
     launch = setup.launch
     actor = _model(setup, setup.models["sft"], False, True, launch)
     reward = _model(setup, setup.models["reward"], True, False, launch)
     # ppo.build_models: the critic is the reward model under its own LoRA unless --critic_model_path is given or
     # the reward model reads other tokens (then the SFT backbone); without LoRA it is a copy.
     critic_path = setup.models.get("critic") or setup.models["sft" if setup.other_tokenizer else "reward"]
-    critic = _model(setup, critic_path, True, True, launch)
+    critic = None if setup.critic_free else _model(setup, critic_path, True, True, launch)
+    trained = [m for m in (actor, critic) if m is not None]
+    both = "actor + critic" if critic else "actor"
     shared_ref = setup.use_peft
-    shared_reward = setup.use_peft and not setup.models.get("critic") and not setup.other_tokenizer
+    shared_reward = critic is not None and setup.use_peft and not setup.models.get("critic") and \
+        not setup.other_tokenizer
     lines = _static_lines("actor", actor, launch)
     lines.append(Line("reference", "weights: the actor's, LoRA off" if shared_ref else
                       f"weights ({actor.dtype_bytes * 8}-bit), a copy", 0 if shared_ref else weight_bytes(actor),
                       note="shared" if shared_ref else ""))
-    lines += _static_lines("critic", critic, launch, weights=not shared_reward)
+    if critic:
+        lines += _static_lines("critic", critic, launch, weights=not shared_reward)
     lines.append(Line("reward model", f"weights ({reward.dtype_bytes * 8 if not reward.quant_4bit else 4}-bit)" +
                       (", also the critic's (its LoRA off)" if shared_reward else ""), weight_bytes(reward),
                       note="shared" if shared_reward else ""))
-    trainable = trainable_params(actor) + trainable_params(critic)
-    lines.append(Line("actor + critic", "DeepSpeed gradient bucket", deepspeed_bucket_bytes(launch, trainable)))
+    trainable = sum(trainable_params(m) for m in trained)
+    lines.append(Line(both, "DeepSpeed gradient bucket", deepspeed_bucket_bytes(launch, trainable)))
 
     e = _act_bytes(actor, launch)
     b, length, r = setup.micro_batch, setup.max_prompt_length + setup.response_length, setup.response_length
     g = setup.generation_batch
+    no_activations = {"saved": 0, "backward": 0}
     actor_acts = training_activations(actor, b, length, e, setup.gradient_checkpointing, 0.0)
-    critic_acts = training_activations(critic, b, length, e, setup.gradient_checkpointing, 0.0)
+    critic_acts = training_activations(critic, b, length, e, setup.gradient_checkpointing, 0.0) if critic else \
+        no_activations
     logits = ppo_logits_bytes(actor.arch, b, length, r, e)
     backward = max(actor_acts["backward"], critic_acts["backward"])
     peak_train = actor_acts["saved"] + critic_acts["saved"] + max(logits, backward)
     kv = kv_cache_bytes(actor.arch, g, length, e)
     peak_generate = kv + forward_transient_bytes(actor, g * setup.max_prompt_length, e) + g * actor.arch.vocab * 8
     peak_score = max(scoring_logits_bytes(actor.arch, g, length, r, e) + forward_transient_bytes(actor, g * length, e),
-                     forward_transient_bytes(critic, g * length, e))
+                     forward_transient_bytes(critic or reward, g * length, e))
     phases = {"train": peak_train, "generate": peak_generate, "score": peak_score,
-              "optimizer step": optimizer_step_bytes(actor, launch) + optimizer_step_bytes(critic, launch)}
+              "optimizer step": sum(optimizer_step_bytes(m, launch) for m in trained)}
     checkpointed = setup.gradient_checkpointing
-    other = [training_activations(m, b, length, e, not checkpointed, 0.0)["saved"] for m in (actor, critic)]
+    other = [training_activations(m, b, length, e, not checkpointed, 0.0)["saved"] for m in trained]
     details = [("train", "actor", f"activations saved, checkpointed={checkpointed}", actor_acts["saved"]),
-               ("train", "actor", f"activations saved, checkpointed={not checkpointed} (alternative)", other[0]),
-               ("train", "critic", f"activations saved, checkpointed={checkpointed}", critic_acts["saved"]),
-               ("train", "critic", f"activations saved, checkpointed={not checkpointed} (alternative)", other[1]),
-               ("train", "actor + critic", "backward in flight" + (" + one layer recomputed" if checkpointed else ""),
-                backward),
-               ("train", "actor", f"logits + float32 log-prob / entropy copies (micro-batch {b})", logits),
-               ("generate", "actor", f"KV cache ({g} x {length} tokens)", kv),
-               ("generate", "actor", "prefill forward and sampling", peak_generate - kv),
-               ("score", "actor / reference", f"logits + float32 log-prob copy, forward (batch {g})", peak_score),
-               ("optimizer step", "actor + critic", "AdamW step temporaries", phases["optimizer step"])]
+               ("train", "actor", f"activations saved, checkpointed={not checkpointed} (alternative)", other[0])]
+    if critic:
+        details += [("train", "critic", f"activations saved, checkpointed={checkpointed}", critic_acts["saved"]),
+                    ("train", "critic", f"activations saved, checkpointed={not checkpointed} (alternative)", other[1])]
+    details += [("train", both, "backward in flight" + (" + one layer recomputed" if checkpointed else ""),
+                 backward),
+                ("train", "actor", f"logits + float32 log-prob / entropy copies (micro-batch {b})", logits),
+                ("generate", "actor", f"KV cache ({g} x {length} tokens)", kv),
+                ("generate", "actor", "prefill forward and sampling", peak_generate - kv),
+                ("score", "actor / reference", f"logits + float32 log-prob copy, forward (batch {g})", peak_score),
+                ("optimizer step", both, "AdamW step temporaries", phases["optimizer step"])]
     phase = max(phases, key=phases.get)
     if phase == "optimizer step":
-        lines.append(Line("actor + critic", "optimizer step temporaries", phases[phase]))
+        lines.append(Line(both, "optimizer step temporaries", phases[phase]))
     elif phase == "train":
         lines.append(Line("actor", f"activations (micro-batch {b} x {length}, "
                           f"{'checkpointed' if setup.gradient_checkpointing else 'all saved'})",
                           actor_acts["saved"] + max(0, backward - logits)))
         lines.append(Line("actor", "logits / log-probs (update)", logits))
-        lines.append(Line("critic", "activations", critic_acts["saved"]))
+        if critic:
+            lines.append(Line("critic", "activations", critic_acts["saved"]))
     elif phase == "generate":
         lines.append(Line("actor", f"generation KV cache ({g} x {length})", kv))
         lines.append(Line("actor", "generation prefill", peak_generate - kv))
@@ -637,6 +647,7 @@ def setup_from_args(step: str, args, model_args, launch: Launch, same_tokenizer:
                      max_prompt_length=args.max_prompt_length, response_length=args.response_length,
                      generation_batch=args.generation_batch_size or rollout,
                      other_tokenizer=not same_tokenizer,
+                     critic_free=getattr(args, "advantage_estimator", "gae") != "gae",
                      **common)
     return Setup(step=step, models={"model": model_args.model_name_or_path}, eval_batch=args.per_device_eval_batch_size,
                  max_length=args.max_length or 1024, **common)

@@ -9,6 +9,7 @@ import pytest
 
 import common
 import memory_plan
+import ppo
 from conftest import ROOT, SHARED
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -66,6 +67,20 @@ def test_ppo_weights_are_shared_under_lora_and_copied_without(small_arch):
     separate = memory_plan.make_plan(ppo_setup(small_arch, use_peft=False))
     assert weights_on_gpu(shared) == (arch.params + reward.params) * 4  # actor = reference, critic = reward model
     assert weights_on_gpu(separate) == 2 * (arch.params + reward.params) * 4
+
+
+def test_a_critic_free_estimator_plans_no_critic(small_arch):
+    """--advantage_estimator rloo / grpo: no critic lines; without LoRA one copy of weights fewer, and less in all."""
+    arch = memory_plan.read_arch(str(small_arch))
+    reward = memory_plan.read_arch(str(small_arch), True)
+    for use_peft in (True, False):
+        with_critic = memory_plan.make_plan(ppo_setup(small_arch, use_peft=use_peft))
+        without = memory_plan.make_plan(ppo_setup(small_arch, use_peft=use_peft, critic_free=True))
+        assert any(line.role == "critic" for line in with_critic.lines)
+        assert not any("critic" in line.role for line in without.lines) and without.total < with_critic.total
+    assert weights_on_gpu(without) == (2 * arch.params + reward.params) * 4  # actor, reference, reward model
+    args = ppo.PPOArguments(advantage_estimator="grpo", num_generations=2)
+    assert memory_plan.setup_from_args("ppo", args, ppo.ModelConfig(), memory_plan.Launch()).critic_free
 
 
 def test_offload_moves_optimizer_states_off_the_gpu_and_checkpointing_cuts_activations(small_arch):
