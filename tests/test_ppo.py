@@ -775,3 +775,13 @@ def test_resume_of_an_rloo_run_gives_the_same_weights_as_an_uninterrupted_run(en
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(errors) == 1
     assert "it was written with --advantage_estimator rloo, not gae" in errors[0], errors
+
+
+def test_grpo_with_two_processes_gathers_the_rewards_for_batch_statistics(env, demo_models, tmp_path):
+    out = tmp_path / "ddp-grpo"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+               *ppo_run(demo_models, out, *SHORT, "--advantage_estimator", "grpo", "--num_generations", "2",
+                        "--scale_rewards", "batch", "--normalize_advantages", "true")[1:]]
+    run(command, env)
+    assert [m["step"] for m in metrics(out)] == [1, 2] and "loss/value_avg" not in metrics(out)[-1]
+    assert (out / "adapter_model.safetensors").exists() and not (out / "critic").exists()
