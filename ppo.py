@@ -44,6 +44,7 @@ import torch.nn as nn
 from trl import ModelConfig, get_peft_config
 
 import common
+import memory_plan
 import plots
 import rollout
 
@@ -922,6 +923,8 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
 
     tokenizer = common.load_tokenizer(paths["sft"], padding_side="left")
     reward_tokenizer = common.load_tokenizer(paths["reward"], padding_side="left")
+    if accelerator.is_main_process:
+        memory_plan.log_estimate("ppo", args, model_args, rollout.same_tokenizer(tokenizer, reward_tokenizer))
     stop_token_id = stop_token_id_of(tokenizer, args.stop_token)
     with accelerator.main_process_first():
         check_prompts_fit(data_args, tokenizer, args.max_prompt_length)
