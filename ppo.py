@@ -409,10 +409,13 @@ class ActorCritic(nn.Module):
         return rollout.policy_logits(self.actor, input_ids, attention_mask, keep=logits_to_keep), values, ptx_logits
 
 
-def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None = None, kl_coef: float = 0.0):
+def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None = None, kl_coef: float = 0.0,
+                     advantages_of=None):
     """The loss of one micro-batch: clipped policy loss + vf_coef * clipped value loss (with a critic)
     - entropy_coef * entropy (+ kl_coef * mean KL to the reference per token with --kl_in_loss, from
-    batch["ref_logprobs"]) (+ ptx_coef * LM loss on the PTX batch `ptx` = (ids, mask)); returns (loss, stats)."""
+    batch["ref_logprobs"]) (+ ptx_coef * LM loss on the PTX batch `ptx` = (ids, mask)); returns (loss, stats).
+    A batch without "advantages" is a single-pass update (see one_pass_update): advantages_of(values) gives the
+    advantages and returns from the values of this very forward pass."""
     ptx_ids, ptx_mask = ptx if ptx is not None else (None, None)
     # Position t predicts token t+1: the logits and values for the response are those at context-1 .. end-1, so
     # the vocabulary head runs on those positions only.
@@ -421,13 +424,19 @@ def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None =
     logits = logits[:, :-1]
     new_logprobs = rollout.logprobs_from_logits(logits, batch["responses"], args.temperature)
     mask = batch["mask"]
+    if new_values is not None:
+        new_values = new_values[:, context - 1:-1]
+    if "advantages" not in batch:  # the weights have not moved since the rollout: these are the rollout's values
+        values = new_values.detach() * mask
+        advantages, returns = advantages_of(values)
+        batch = {**batch, "values": values, "advantages": advantages, "returns": returns}
     pg_loss, clipfrac, approxkl, ratio = clipped_policy_loss(new_logprobs, batch["logprobs"], batch["advantages"],
                                                              mask, args.cliprange)
     loss = pg_loss
     stats = dict(approxkl=approxkl, clipfrac=clipfrac, pg_loss=pg_loss, ratio=ratio)
     if new_values is not None:
-        vf_loss, vf_clipfrac = clipped_value_loss(new_values[:, context - 1:-1], batch["values"], batch["returns"],
-                                                  mask, args.cliprange_value)
+        vf_loss, vf_clipfrac = clipped_value_loss(new_values, batch["values"], batch["returns"], mask,
+                                                  args.cliprange_value)
         loss = loss + args.vf_coef * vf_loss
         stats.update(vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
     if args.kl_in_loss:  # GRPO: the KL as a loss term, its gradient through the new log-probs
@@ -1062,11 +1071,30 @@ def group_advantages(rewards: torch.Tensor, args: PPOArguments, accelerator) -> 
     return advantages[start:start + len(rewards)]
 
 
+def one_pass_update(args: PPOArguments) -> bool:
+    """Whether the update is one forward and backward pass over the whole rollout, before any optimizer step (GAE,
+    1 PPO epoch, 1 mini-batch, 1 micro-batch per process). Then the critic's values at that forward are those of
+    the rollout (the weights have not moved, dropout is off), so the scoring phase skips the critic's forward pass
+    and GAE runs between the update's forward and its backward: one critic forward pass fewer per iteration."""
+    return (args.advantage_estimator == "gae" and args.num_ppo_epochs == 1 and args.num_mini_batches == 1
+            and args.gradient_accumulation_steps == 1)
+
+
+def rows_of(advantages_of, idx: torch.Tensor):
+    """advantages_of for a micro-batch holding rows idx (a permutation of the whole rollout) of the batch."""
+    def of_rows(values: torch.Tensor):
+        in_order = torch.empty_like(values)
+        in_order[idx] = values
+        advantages, returns = advantages_of(in_order)
+        return advantages[idx], returns[idx]
+    return of_rows
+
+
 def ppo_update(run: Setup, batch: dict, args: PPOArguments, context: int, ema: dict | None, ptx_position: int,
-               kl_coef: float = 0.0):
+               kl_coef: float = 0.0, advantages_of=None):
     """num_ppo_epochs passes over the rollout batch, num_mini_batches optimizer steps each (in micro-batches of
-    per_device_train_batch_size); kl_coef weighs the KL loss term of --kl_in_loss. Returns (lists of
-    per-micro-batch stats, the new PTX position)."""
+    per_device_train_batch_size); kl_coef weighs the KL loss term of --kl_in_loss; advantages_of: the single-pass
+    update's GAE of the values (one_pass_update). Returns (lists of per-micro-batch stats, the new PTX position)."""
     accelerator, model, optimizer, actor = run.accelerator, run.model, run.optimizer, run.unwrapped.actor
     stats = {}
     mini_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -1081,7 +1109,7 @@ def ppo_update(run: Setup, batch: dict, args: PPOArguments, context: int, ema: d
                     ptx_position += 1
                 with accelerator.accumulate(model), accelerator.autocast():
                     loss, micro_stats = micro_batch_loss(model, {k: v[idx] for k, v in batch.items()}, args, context,
-                                                         ptx, kl_coef)
+                                                         ptx, kl_coef, advantages_of and rows_of(advantages_of, idx))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # The norm before clipping (under DeepSpeed: the previous step's, or None before one)
@@ -1212,8 +1240,10 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
         generated = time.perf_counter()
 
         # --- 2. score: log-probs under actor and reference, the critic's values (if any), the reward model's scores
-        scored = rollout.score_rollout(sample, unwrapped.actor, run.reference, unwrapped.critic, run.reward_fn,
-                                       args.temperature, args.generation_batch_size, accelerator.autocast)
+        one_pass = one_pass_update(args)  # then the critic's values come from the update's forward pass
+        scored = rollout.score_rollout(sample, unwrapped.actor, run.reference, None if one_pass else unwrapped.critic,
+                                       run.reward_fn, args.temperature, args.generation_batch_size,
+                                       accelerator.autocast)
         scores, shaped = shape_scores(scored["scores"], sample.has_stop, args, score_moments, accelerator)
 
         # --- 3. advantages: a KL penalty per token (unless --kl_in_loss), the score at the last one, then GAE;
@@ -1223,8 +1253,10 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
                                           for k in ("logprobs", "ref_logprobs", "values"))
         kl = kl_per_token(logprobs, ref_logprobs, args.kl_estimator) * mask
         non_score_reward = torch.zeros_like(kl) if args.kl_in_loss else -kl_controller.value * kl
-        advantages, returns = advantages_and_returns(non_score_reward, shaped, values, sample.response_mask, args,
-                                                     accelerator)
+        def advantages_of(values):
+            return advantages_and_returns(non_score_reward, shaped, values, sample.response_mask, args, accelerator)
+
+        advantages, returns = (None, None) if one_pass else advantages_of(values)
         scored_at = time.perf_counter()
 
         # --- 4. update: clipped policy and value losses, num_ppo_epochs passes over the rollout -------------------
@@ -1233,7 +1265,8 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
                      logprobs=logprobs, values=values, advantages=advantages, returns=returns, mask=mask,
                      ref_logprobs=ref_logprobs if args.kl_in_loss else None)
         batch = {k: v for k, v in batch.items() if v is not None}  # no values or returns without a critic
-        stats, ptx_position = ppo_update(run, batch, args, sample.context, ema, ptx_position, kl_controller.value)
+        stats, ptx_position = ppo_update(run, batch, args, sample.context, ema, ptx_position, kl_controller.value,
+                                         advantages_of if one_pass else None)
         learning_rates = scheduler.get_last_lr()  # the rates this iteration used, for the metrics
         scheduler.step()
         step += 1

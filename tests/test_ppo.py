@@ -592,6 +592,36 @@ def test_logged_learning_rates_are_the_ones_each_iteration_used(env, demo_models
     assert len(estimates) == 1 and "GiB peak per GPU" in estimates[0], estimates
 
 
+def test_one_pass_update_skips_the_critics_scoring_pass_and_trains_the_same(env, demo_models, tmp_path, monkeypatch):
+    """1 PPO epoch of 1 micro-batch: the critic's values come from the update's forward pass (no critic in the
+    scoring phase), and the run equals one that scored the critic first, to float tolerance."""
+    from safetensors.torch import load_file
+
+    critics, score_rollout = [], rollout.score_rollout
+
+    def spy(sample, actor, reference, critic, *args, **kwargs):
+        critics.append(critic)
+        return score_rollout(sample, actor, reference, critic, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "score_rollout", spy)
+    assert ppo.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1))  # SHORT's settings
+    one_pass, _ = ppo_main(demo_models, tmp_path / "one", "--save_steps", "100")
+    assert len(critics) == 2 and all(critic is None for critic in critics)
+    critics.clear()
+    monkeypatch.setattr(ppo, "one_pass_update", lambda args: False)
+    two_pass, _ = ppo_main(demo_models, tmp_path / "two", "--save_steps", "100")
+    assert len(critics) == 2 and all(critic is not None for critic in critics)
+    for one, two in zip(one_pass, two_pass, strict=True):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg"):
+            assert one[key] == pytest.approx(two[key], rel=1e-4, abs=1e-6), key
+    for part in ("adapter_model.safetensors", "critic/adapter_model.safetensors"):
+        a, b = load_file(tmp_path / "one" / part), load_file(tmp_path / "two" / part)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
+    assert not ppo.one_pass_update(ppo.PPOArguments(num_ppo_epochs=2))
+    assert not ppo.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1, num_mini_batches=2))
+    assert not ppo.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1, advantage_estimator="rloo"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # issue 7: re-runs, explosions, resumes, several processes, DeepSpeed dtypes
 # ---------------------------------------------------------------------------------------------------------------
