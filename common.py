@@ -371,11 +371,12 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def default_bf16_off(dataclass_types, argv: list[str]) -> bool:
-    """TRL's SFTConfig and RewardConfig turn bf16 on by default. On a GPU, or a CPU with native bf16, keep that; on
-    other CPUs turn it off unless the flags, the --config YAML or an accelerate/DeepSpeed launch ask for it."""
+    """TRL's SFTConfig and RewardConfig turn bf16 on by default. On a GPU keep that; on a CPU turn it off unless the
+    flags, the --config YAML or an accelerate/DeepSpeed launch ask for it: emulated bf16 (CPUs without AVX512-BF16 or
+    AMX) is ~10x slower, and float32 on every CPU gives the same numbers on every CPU (the demo, the tests)."""
     import torch
 
-    if torch.cuda.is_available() or cpu_has_fast_bf16():
+    if torch.cuda.is_available():
         return False
     if not any("bf16" in getattr(cls, "__dataclass_fields__", {}) for cls in dataclass_types):
         return False

@@ -48,7 +48,9 @@ def python_script(*args):
 
 
 def accelerate_script(*args, config="accelerate_config.yaml"):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *args]
+    # Port 0: accelerate picks a free port, so launches in parallel test workers (pytest -n) never collide.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "0",
+            *args]
 
 
 @pytest.fixture(scope="session")
