@@ -932,8 +932,9 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
 
     tokenizer = common.load_tokenizer(paths["sft"], padding_side="left")
     reward_tokenizer = common.load_tokenizer(paths["reward"], padding_side="left")
+    same_tokenizer = rollout.same_tokenizer(tokenizer, reward_tokenizer)
     if accelerator.is_main_process:
-        memory_plan.log_estimate("ppo", args, model_args, rollout.same_tokenizer(tokenizer, reward_tokenizer))
+        memory_plan.log_estimate("ppo", args, model_args, same_tokenizer)
     stop_token_id = stop_token_id_of(tokenizer, args.stop_token)
     with accelerator.main_process_first():
         check_prompts_fit(data_args, tokenizer, args.max_prompt_length)
@@ -946,7 +947,7 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
                                "more data or smaller batches")
     if args.total_episodes is not None:
         args.max_steps = max(1, args.total_episodes // global_batch)
-    if not rollout.same_tokenizer(tokenizer, reward_tokenizer) and args.critic_model_path is None:
+    if not same_tokenizer and args.critic_model_path is None:
         logger.info("the reward model has its own tokenizer: texts are re-tokenized for scoring" +
                     (", and the critic starts from the SFT policy's backbone with a fresh value head"
                      if args.advantage_estimator == "gae" else ""))
@@ -1227,6 +1228,7 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
     stop = StopRequested()
     cleanup.callback(stop.restore)
     history, last_checkpoint = [], resume
+    one_pass = one_pass_update(args)  # then the critic's values come from the update's forward pass, not scoring
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="PPO")
     cleanup.callback(progress.close)
     while step < args.max_steps:
@@ -1240,7 +1242,6 @@ def train(data_args: common.DataArguments, args: PPOArguments, model_args: Model
         generated = time.perf_counter()
 
         # --- 2. score: log-probs under actor and reference, the critic's values (if any), the reward model's scores
-        one_pass = one_pass_update(args)  # then the critic's values come from the update's forward pass
         scored = rollout.score_rollout(sample, unwrapped.actor, run.reference, None if one_pass else unwrapped.critic,
                                        run.reward_fn, args.temperature, args.generation_batch_size,
                                        accelerator.autocast)

@@ -90,29 +90,16 @@ def main():
     report(history, args)
 
 
-def without_flag(argv: list[str], name: str) -> list[str]:
-    """argv without `--name value` / `--name=value`."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == f"--{name}":
-            skip = True
-        elif not arg.startswith(f"--{name}="):
-            out.append(arg)
-    return out
-
-
 def compare_estimators(estimators: list[str], argv: list[str]) -> None:
     """One bench per estimator, each a fresh process; then seconds per iteration (mean after the first) and peak
     memory side by side."""
-    for name in ("compare_estimators", "json_out", "advantage_estimator"):
-        argv = without_flag(argv, name)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="ppo-bench-compare-") as tmp:
         for estimator in estimators:
             out = Path(tmp) / f"{estimator}.json"
-            command = [sys.executable, __file__, *argv, "--advantage_estimator", estimator, "--json_out", str(out)]
+            # The parser keeps a flag's last value: these override the user's (and turn the comparison off).
+            command = [sys.executable, __file__, *argv, "--compare_estimators", "", "--advantage_estimator", estimator,
+                       "--json_out", str(out)]
             print(f"--- {estimator}: {' '.join(command[1:])}", flush=True)
             subprocess.run(command, check=True)
             rows[estimator] = json.loads(out.read_text())
