@@ -120,9 +120,14 @@ def plot_ppo(output_dir: str | Path, smoothing: float | None = None) -> Path | N
     if not rows:
         return None
     alpha = smoothing or min(1.0, max(0.02, 10 / len(rows)))
+    # Only the curves the run logged: rloo and grpo train no critic, so they have no value-loss panels.
+    panels = [panel for panel in PPO_PANELS if any(panel[0] in row for row in rows)] or list(PPO_PANELS[:1])
+    columns = (len(panels) + 1) // 2
     plt = _pyplot()
-    figure, axes = plt.subplots(2, 4, figsize=(16, 7))
-    for axis, (key, panel_title, ylabel) in zip(axes.flat, PPO_PANELS):
+    figure, axes = plt.subplots(2, columns, figsize=(4 * columns, 7), squeeze=False)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    for axis, (key, panel_title, ylabel) in zip(axes.flat, panels):
         points = [(row["step"], row[key]) for row in rows if key in row]
         if points:
             steps, values = zip(*points)

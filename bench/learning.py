@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -61,6 +62,10 @@ class LearningArguments:
     reward_args: str = field(default="", metadata={"help": "Extra arguments for reward.py."})
     ppo_args: str = field(default="", metadata={"help": "Extra arguments for ppo.py, e.g. \"--max_steps 20\"."})
     eval_args: str = field(default="", metadata={"help": "Extra arguments for evaluate.py."})
+    estimators: str = field(default="", metadata={
+        "help": "Advantage estimators to compare, e.g. gae,rloo,grpo: after each seed's three steps, one more PPO "
+                "run per estimator (same SFT and reward models, same arguments, only --advantage_estimator differs) "
+                "into seed-S/ppo-E, evaluated as policy ppo-E. Empty: the recipe's PPO alone."})
     force: bool = field(default=False, metadata={"help": "Train every step again, even where a run finished."})
 
 
@@ -74,6 +79,9 @@ def validate(args: LearningArguments) -> None:
     if args.task != "demo" and common.looks_like_local_path(args.model_path) and not Path(args.model_path).is_dir():
         raise common.UserError(f"--model_path {args.model_path}: no such folder; give SmolLM2-135M-Instruct's folder "
                                f"or the hub id {SMOLLM2}")
+    unknown = [e for e in estimator_list(args) if e not in ("gae", "rloo", "grpo")]
+    if unknown:
+        raise common.UserError(f"--estimators {args.estimators}: {', '.join(unknown)} is not one of gae, rloo, grpo")
     for name in ("sft_args", "reward_args", "ppo_args", "eval_args"):
         try:
             shlex.split(getattr(args, name))
@@ -95,11 +103,46 @@ def train_command(args: LearningArguments, seed: int, folder: Path) -> list[str]
     return command + (["--force"] if args.force else [])
 
 
+def estimator_list(args: LearningArguments) -> list[str]:
+    return [e.strip() for e in args.estimators.split(",") if e.strip()]
+
+
+def step_outputs(folder: Path) -> dict[str, str]:
+    summary = json.loads((folder / "summary.json").read_text())
+    return {step["step"]: step["output"] for step in summary["steps"]}
+
+
+def estimator_command(args: LearningArguments, seed: int, folder: Path, estimator: str) -> list[str]:
+    """ppo.py as train.py runs it for this seed (same recipe, models and extras), with another estimator; an
+    interrupted attempt resumes from its checkpoint, one that left no checkpoint is replaced."""
+    task, outputs, target = TASKS[args.task], step_outputs(folder), folder / f"ppo-{estimator}"
+    command = [sys.executable, str(ROOT / "ppo.py"), "--config", str(ROOT / "recipes" / task["preset"] / "ppo.yaml"),
+               "--sft_model_path", outputs["sft"], "--reward_model_path", outputs["reward"],
+               "--output_dir", str(target), "--seed", str(seed), "--dataset_name", task["dataset"],
+               *shlex.split(task.get("ppo_args", "")), *shlex.split(args.ppo_args),
+               "--advantage_estimator", estimator]
+    if common.newest_complete_checkpoint(target) is not None:
+        return command + ["--resume_from_checkpoint", "true"]
+    return command + (["--overwrite_output_dir", "true"] if target.exists() else [])
+
+
+def run_estimators(args: LearningArguments, seed: int, folder: Path) -> None:
+    """One PPO run per --estimators entry, skipped where it finished before (unless --force)."""
+    for estimator in estimator_list(args):
+        done = folder / f"ppo-{estimator}" / "bench_done.json"
+        if done.exists() and not args.force:
+            continue
+        if args.force:
+            shutil.rmtree(done.parent, ignore_errors=True)
+        seconds = run(estimator_command(args, seed, folder, estimator), folder / "logs" / f"ppo-{estimator}.log")
+        common.write_json(done, {"duration_s": round(seconds, 1)})
+
+
 def eval_command(args: LearningArguments, folder: Path) -> list[str]:
     task = TASKS[args.task]
-    summary = json.loads((folder / "summary.json").read_text())
-    outputs = {step["step"]: step["output"] for step in summary["steps"]}
+    outputs = step_outputs(folder)
     policies = [f"base={task['base'] or args.model_path}", f"sft={outputs['sft']}", f"ppo={outputs['ppo']}"]
+    policies += [f"ppo-{e}={folder / f'ppo-{e}'}" for e in estimator_list(args)]
     return [sys.executable, str(ROOT / "evaluate.py"), "--dataset_name", task["dataset"],
             "--reward_model_path", outputs["reward"], "--policies", *policies, "--max_prompts", str(args.max_prompts),
             "--response_length", str(task["response_length"]), "--output_dir", str(folder / "eval"),
@@ -128,7 +171,7 @@ def run(command: list[str], log: Path) -> float:
     return time.time() - started
 
 
-def seed_numbers(folder: Path, eval_seconds: float) -> dict[str, float]:
+def seed_numbers(args: LearningArguments, folder: Path, eval_seconds: float) -> dict[str, float]:
     """One seed's row of numbers, flat: what the table shows."""
     summary = json.loads((folder / "summary.json").read_text())
     results = json.loads((folder / "eval" / "eval_results.json").read_text())
@@ -137,15 +180,20 @@ def seed_numbers(folder: Path, eval_seconds: float) -> dict[str, float]:
         numbers[f"reward accuracy, rejected {flaw}"] = value
     columns = ["correct_rate", "polite_rate", "both_rate", "win_rate_vs_sft", "kl_to_reference", "mean_length",
                "eos_rate", "reward_mean"]
-    for name in POLICIES:
+    policies = [*POLICIES, *(f"ppo-{e}" for e in estimator_list(args))]
+    for name in policies:
         for column in columns:
             if column in results["policies"][name]:
                 numbers[f"{name} {column}"] = results["policies"][name][column]
-    if "both_rate" in results["policies"]["ppo"]:
-        numbers["ppo - sft both_rate"] = results["policies"]["ppo"]["both_rate"] - \
-                                         results["policies"]["sft"]["both_rate"]
+    for name in policies[2:]:
+        if "both_rate" in results["policies"][name]:
+            numbers[f"{name} - sft both_rate"] = results["policies"][name]["both_rate"] - \
+                                                 results["policies"]["sft"]["both_rate"]
     for step in summary["steps"]:
         numbers[f"time {step['step']} (s)"] = step["duration_s"]
+    for estimator in estimator_list(args):
+        done = json.loads((folder / f"ppo-{estimator}" / "bench_done.json").read_text())
+        numbers[f"time ppo-{estimator} (s)"] = done["duration_s"]
     numbers["time evaluation (s)"] = eval_seconds
     return numbers
 
@@ -170,11 +218,17 @@ def main(args: LearningArguments) -> list[dict]:
     for seed in range(1, args.seeds + 1):
         folder = root / f"seed-{seed}"
         run(train_command(args, seed, folder), folder / "logs" / "bench_train.log")
+        run_estimators(args, seed, folder)
+        # Evaluated again when a policy is newer than the evaluation, or the policies asked for changed.
         timing = folder / "eval" / "bench_eval_time.json"
-        if args.force or not timing.exists() or \
-                timing.stat().st_mtime < (folder / "ppo" / "step_complete.json").stat().st_mtime:
-            common.write_json(timing, {"eval_s": run(eval_command(args, folder), folder / "logs" / "bench_eval.log")})
-        per_seed.append(seed_numbers(folder, json.loads(timing.read_text())["eval_s"]))
+        finished = [folder / "ppo" / "step_complete.json",
+                    *(folder / f"ppo-{e}" / "bench_done.json" for e in estimator_list(args))]
+        command = eval_command(args, folder)
+        if args.force or not timing.exists() or json.loads(timing.read_text()).get("command") != command or \
+                timing.stat().st_mtime < max(path.stat().st_mtime for path in finished):
+            seconds = run(command, folder / "logs" / "bench_eval.log")
+            common.write_json(timing, {"eval_s": seconds, "command": command})
+        per_seed.append(seed_numbers(args, folder, json.loads(timing.read_text())["eval_s"]))
     print(f"\n{args.task}: {args.seeds} seed(s); policies sampled at temperature 1 on {args.max_prompts} held-out "
           "prompts; KL to the SFT policy")
     common.print_table(summarise(per_seed))

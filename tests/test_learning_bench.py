@@ -42,6 +42,7 @@ def test_eval_command_compares_base_sft_and_ppo(tmp_path):
     (dict(seeds=0), "--seeds 0: must be at least 1"),
     (dict(task="smollm2-synthetic", model_path="/no/such/folder"), "--model_path /no/such/folder: no such folder"),
     (dict(ppo_args="--x 'open"), "--ppo_args"),
+    (dict(estimators="rloo,ppo"), "--estimators rloo,ppo: ppo is not one of gae, rloo, grpo"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -60,7 +61,7 @@ def test_seed_numbers_and_the_table_over_seeds(tmp_path):
         (folder / "eval" / "eval_results.json").write_text(json.dumps({
             "reward": {"eval_accuracy": accuracy, "accuracy_by_flaw": {"wrong": accuracy, "rude": 1.0}},
             "policies": {"base": policy(0.0), "sft": policy(both_sft), "ppo": policy(both_ppo)}}))
-        return learning.seed_numbers(folder, 5.0)
+        return learning.seed_numbers(learning.LearningArguments(), folder, 5.0)
 
     per_seed = [seed(tmp_path / "1", 0.5, 0.7, 0.8), seed(tmp_path / "2", 0.5, 0.9, 0.9)]
     assert per_seed[0]["reward accuracy, rejected wrong"] == 0.8
@@ -70,3 +71,37 @@ def test_seed_numbers_and_the_table_over_seeds(tmp_path):
     assert rows["quantity"] == ["mean ± std", "seed 1", "seed 2"]
     assert rows["ppo - sft both_rate"] == ["0.300 ± 0.141", "0.200", "0.400"]
     assert rows["time sft (s)"] == ["10.0 ± 0.0", "10.0", "10.0"]
+
+
+def test_estimators_each_get_a_ppo_run_on_the_same_models_and_join_the_evaluation(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": [
+        {"step": "sft", "output": "S", "duration_s": 1.0}, {"step": "reward", "output": "R", "duration_s": 2.0},
+        {"step": "ppo", "output": "P", "duration_s": 3.0}]}))
+    args = learning.LearningArguments(task="smollm2-synthetic", estimators="gae, grpo", ppo_args="--max_steps 3")
+    command = learning.estimator_command(args, 2, tmp_path, "grpo")
+    assert command[command.index("--config") + 1].endswith("recipes/smollm2/ppo.yaml")
+    assert [command[command.index(flag) + 1] for flag in ("--sft_model_path", "--reward_model_path", "--seed")] == \
+           ["S", "R", "2"]
+    assert command[command.index("--output_dir") + 1] == str(tmp_path / "ppo-grpo")
+    assert command[-4:] == ["--max_steps", "3", "--advantage_estimator", "grpo"]  # the estimator has the last word
+    (tmp_path / "ppo-grpo").mkdir()  # an attempt that left no checkpoint is replaced, one with a checkpoint resumed
+    assert learning.estimator_command(args, 2, tmp_path, "grpo")[-2:] == ["--overwrite_output_dir", "true"]
+    (tmp_path / "ppo-grpo" / "checkpoint-2").mkdir()
+    (tmp_path / "ppo-grpo" / "checkpoint-2" / common.CHECKPOINT_COMPLETE).write_text("{}")
+    assert learning.estimator_command(args, 2, tmp_path, "grpo")[-2:] == ["--resume_from_checkpoint", "true"]
+
+    policies = learning.eval_command(args, tmp_path)
+    policies = policies[policies.index("--policies") + 1 : policies.index("--max_prompts")]
+    assert policies[1:] == ["sft=S", "ppo=P", f"ppo-gae={tmp_path / 'ppo-gae'}", f"ppo-grpo={tmp_path / 'ppo-grpo'}"]
+
+    rate = lambda both: {"both_rate": both, "kl_to_reference": 1.0}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval_results.json").write_text(json.dumps({"reward": {"eval_accuracy": 0.9}, "policies": {
+        "base": rate(0.0), "sft": rate(0.5), "ppo": rate(0.6), "ppo-gae": rate(0.7), "ppo-grpo": rate(0.4)}}))
+    for estimator, seconds in (("gae", 40.0), ("grpo", 30.0)):
+        (tmp_path / f"ppo-{estimator}" / "bench_done.json").parent.mkdir(exist_ok=True)
+        (tmp_path / f"ppo-{estimator}" / "bench_done.json").write_text(json.dumps({"duration_s": seconds}))
+    numbers = learning.seed_numbers(args, tmp_path, 5.0)
+    assert numbers["ppo-gae - sft both_rate"] == pytest.approx(0.2)
+    assert numbers["ppo-grpo - sft both_rate"] == pytest.approx(-0.1)
+    assert numbers["time ppo-gae (s)"] == 40.0 and numbers["ppo-grpo kl_to_reference"] == 1.0

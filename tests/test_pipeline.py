@@ -215,6 +215,19 @@ def test_charts_are_written_and_are_valid_pngs(demo_run):
     assert [e["plot"] for e in demo_run[2]["steps"]] == [str(root / "plots" / f"{n}_curves.png") for n in STEPS]
 
 
+def test_ppo_chart_of_a_critic_free_run_has_no_value_panels(tmp_path):
+    from matplotlib import image
+
+    gae = {"objective/scores": 1.0, "objective/kl": 0.1, "loss/policy_avg": 0.2, "loss/value_avg": 0.3,
+           "val/clipfrac_avg": 0.0, "policy/clipfrac_avg": 0.1}
+    for name, keys in (("gae", list(gae)), ("rloo", [k for k in gae if not k.startswith(("loss/value", "val/"))])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": step, **{k: gae[k] * step for k in keys}}) + "\n" for step in range(1, 4)))
+    widths = {name: image.imread(plots.plot_ppo(tmp_path / name)).shape[1] for name in ("gae", "rloo")}
+    assert widths == {"gae": 3 * 4 * 70, "rloo": 2 * 4 * 70}  # 6 panels in 3 columns, 4 panels in 2 (figsize * dpi)
+
+
 def test_ema_smoothing_starts_at_the_data_and_follows_it():
     assert plots.ema([3.0, 3.0, 3.0], 0.1) == pytest.approx([3.0, 3.0, 3.0])
     assert plots.ema([0.0, 10.0], 0.5) == pytest.approx([0.0, 10 * 0.5 / 0.75])
