@@ -29,6 +29,9 @@ logger = logging.getLogger("simple_rlhf")
 
 STEPS = ("sft", "reward", "ppo")
 REQUIRED_COLUMNS = {"sft": ("prompt", "chosen"), "reward": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}
+# SFT imitates the demonstration: the `response` column where the data has one (rm-static's equals `chosen`; the
+# built-in synthetic data's carries mistakes), else `chosen`.
+SFT_ANSWER_COLUMNS = ("response", "chosen")
 DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUILTIN_DATASET = "builtin:synthetic"
 BUILTIN_MODEL = "builtin:tiny-opt"
@@ -441,6 +444,11 @@ _OPENINGS = [("Hi there!", "Hello! How can I help you today?"), ("Can I ask you 
 # learns manners only (measured: accuracy 1.00 on rude pairs, 0.51 on wrong-only pairs), and a polite SFT policy
 # then gives PPO no signal toward correct answers.
 SYNTHETIC_FLAWS = {"wrong": 0.6, "rude": 0.2, "both": 0.2}
+# The share of demonstrations (the `response` column, what SFT imitates) that name a wrong answer, politely. Writing
+# an answer is harder than comparing two (InstructGPT's premise): demonstrations carry mistakes, the comparisons do
+# not. So the SFT policy cannot be fully right, and what the reward model and PPO add shows in the ground truth
+# (measured with SmolLM2: clean demonstrations give an SFT policy that is already right ~90% of the time).
+SYNTHETIC_DEMONSTRATION_ERROR = 0.3
 # The seeds of builtin:synthetic: the demo tokenizer's text, the training rows, the test rows (eval during
 # training), and the held-out rows that only evaluate.py's ground-truth check reads.
 SYNTHETIC_SEEDS = {"tokenizer": 0, "train": 1, "test": 2, "held_out": 1000}
@@ -466,11 +474,13 @@ def _synthetic_question(rng: random.Random) -> tuple[str, str, str]:
 def synthetic_preference_rows(n: int, seed: int) -> list[dict]:
     """Rows in rm-static schema: the chosen answer is correct and polite; the rejected one is wrong, rude or both
     (drawn with the weights of SYNTHETIC_FLAWS; a wrong-only answer has the chosen one's template, so the answer
-    itself is the only difference).
+    itself is the only difference); the response (SFT's demonstration) is the chosen answer, or with probability
+    SYNTHETIC_DEMONSTRATION_ERROR the same polite sentence naming the wrong answer.
 
     Some prompts carry an earlier exchange, so that prompts have several turns, as real dialogues do.
     """
     rng = random.Random(seed)
+    mistakes = random.Random(f"demonstrations-{seed}")  # its own stream: the other columns stay as they were
     rows = []
     for _ in range(n):
         history = ""
@@ -485,11 +495,12 @@ def synthetic_preference_rows(n: int, seed: int) -> list[dict]:
         prompt = f"{history}\n\nHuman: {question}\n\nAssistant:"
         template = rng.choice(_POLITE)
         chosen = " " + template.format(a=right)
+        response = " " + template.format(a=wrong) if mistakes.random() < SYNTHETIC_DEMONSTRATION_ERROR else chosen
         flaw = rng.choices(list(SYNTHETIC_FLAWS), weights=list(SYNTHETIC_FLAWS.values()))[0]
         if flaw != "wrong":
             template = rng.choice(_RUDE)
         rejected = " " + template.format(a=right if flaw == "rude" else wrong)
-        rows.append({"prompt": prompt, "response": chosen, "chosen": chosen, "rejected": rejected})
+        rows.append({"prompt": prompt, "response": response, "chosen": chosen, "rejected": rejected})
     return rows
 
 
@@ -744,6 +755,9 @@ def load_step_data(data_args: DataArguments, step: str):
                         f"(it has {', '.join(raw)}); set --dataset_train_split")
     columns = REQUIRED_COLUMNS[step]
     train = raw[data_args.dataset_train_split]
+    if step == "sft":
+        answer = next(c for c in SFT_ANSWER_COLUMNS if c in train.column_names or c == "chosen")
+        columns = ("prompt", answer)
     validate_rows(train, columns, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
     if step == "reward":
         train = drop_identical_pairs(train, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
@@ -764,8 +778,10 @@ def load_step_data(data_args: DataArguments, step: str):
         train = train.select(range(min(len(train), data_args.max_train_samples)))
     if data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
-    keep = list(columns)
-    return train.select_columns(keep), evaluation.select_columns(keep)
+    train, evaluation = train.select_columns(list(columns)), evaluation.select_columns(list(columns))
+    if columns[-1] == "response":  # downstream, SFT's answer is `chosen`
+        train, evaluation = train.rename_column("response", "chosen"), evaluation.rename_column("response", "chosen")
+    return train, evaluation
 
 
 def special_prefix(tokenizer) -> list[int]:

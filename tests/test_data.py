@@ -94,6 +94,19 @@ def test_builtin_synthetic_data_is_deterministic_and_prefers_correct_polite_answ
 
 
 # ---- bad input: one clear message naming the problem -----------------------------------------------------------
+def test_sft_imitates_the_response_column_where_the_data_has_one(tmp_path):
+    with_response = write_jsonl(tmp_path / "with.jsonl", rows(40))
+    train, evaluation = common.load_step_data(DataArguments(dataset_name=str(with_response), data_split="1,0,0"),
+                                              "sft")
+    assert set(train["chosen"]) == set(evaluation["chosen"]) == {" yes"}  # the response, not the chosen " yes {i}"
+    without = write_jsonl(tmp_path / "without.jsonl", [{k: v for k, v in r.items() if k != "response"}
+                                                       for r in rows(40)])
+    train, _ = common.load_step_data(DataArguments(dataset_name=str(without), data_split="1,0,0"), "sft")
+    assert all(answer.startswith(" yes ") for answer in train["chosen"])
+    train, _ = common.load_step_data(DataArguments(dataset_name=str(with_response), data_split="0,1,0"), "reward")
+    assert all(answer.startswith(" yes ") for answer in train["chosen"])  # the reward model keeps the pairs
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="no such file or folder"):
         common.load_raw_dataset(DataArguments(dataset_name=str(tmp_path / "nope.jsonl")))

@@ -61,6 +61,21 @@ def test_rejected_answers_are_mostly_wrong_but_polite():
     assert row["chosen"].split()[-2:] == row["rejected"].split()[-2:]
 
 
+def test_demonstrations_carry_mistakes_the_comparisons_do_not(monkeypatch):
+    rows = common.synthetic_preference_rows(3000, seed=7)
+    checks = [common.check_synthetic_answer(row["prompt"], row["response"]) for row in rows]
+    wrong = sum(not check["correct"] for check in checks) / len(rows)
+    assert abs(wrong - common.SYNTHETIC_DEMONSTRATION_ERROR) < 0.03
+    assert all(check["polite"] for check in checks)  # the mistakes are in the facts, not the manners
+    assert all(common.check_synthetic_answer(row["prompt"], row["chosen"])["both"] for row in rows)
+    # The mistakes have their own random stream: the pairs are the ones drawn without them.
+    monkeypatch.setattr(common, "SYNTHETIC_DEMONSTRATION_ERROR", 0.0)
+    clean = common.synthetic_preference_rows(3000, seed=7)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == \
+           [(r["prompt"], r["chosen"], r["rejected"]) for r in clean]
+    assert all(r["response"] == r["chosen"] for r in clean)
+
+
 def test_held_out_seed_is_one_no_training_step_reads(script_env):
     seeds = common.SYNTHETIC_SEEDS
     assert len(set(seeds.values())) == len(seeds)
