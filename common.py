@@ -473,8 +473,11 @@ def _synthetic_question(rng: random.Random) -> tuple[str, str, str]:
 
 def synthetic_preference_rows(n: int, seed: int) -> list[dict]:
     """Rows in rm-static schema: the chosen answer is correct and polite; the rejected one is wrong, rude or both
-    (drawn with the weights of SYNTHETIC_FLAWS; a wrong-only answer has the chosen one's template, so the answer
-    itself is the only difference); the response (SFT's demonstration) is the chosen answer, or with probability
+    (drawn with the weights of SYNTHETIC_FLAWS); a wrong-only answer has a polite template drawn independently of
+    the chosen one's, so the wording says nothing about which answer is preferred and a reward model cannot score
+    one polite wording above another (measured: with the chosen one's template, a SmolLM2 reward model scored the
+    polite templates 4.3 to 8.1 for the same right answer, and PPO learned the wording instead of the facts); the
+    response (SFT's demonstration) is the chosen answer, or with probability
     SYNTHETIC_DEMONSTRATION_ERROR the same polite sentence naming the wrong answer.
 
     Some prompts carry an earlier exchange, so that prompts have several turns, as real dialogues do.
@@ -497,8 +500,7 @@ def synthetic_preference_rows(n: int, seed: int) -> list[dict]:
         chosen = " " + template.format(a=right)
         response = " " + template.format(a=wrong) if mistakes.random() < SYNTHETIC_DEMONSTRATION_ERROR else chosen
         flaw = rng.choices(list(SYNTHETIC_FLAWS), weights=list(SYNTHETIC_FLAWS.values()))[0]
-        if flaw != "wrong":
-            template = rng.choice(_RUDE)
+        template = rng.choice(_RUDE if flaw != "wrong" else _POLITE)
         rejected = " " + template.format(a=right if flaw == "rude" else wrong)
         rows.append({"prompt": prompt, "response": response, "chosen": chosen, "rejected": rejected})
     return rows

@@ -56,9 +56,12 @@ def test_rejected_answers_are_mostly_wrong_but_polite():
     flaws = Counter(evaluate.flaw_of(row) for row in rows)
     for flaw, weight in common.SYNTHETIC_FLAWS.items():
         assert abs(flaws[flaw] / len(rows) - weight) < 0.03, flaws
-    # A wrong-only rejected answer differs from the chosen one in the answer alone (same template).
-    row = next(r for r in rows if evaluate.flaw_of(r) == "wrong")
-    assert row["chosen"].split()[-2:] == row["rejected"].split()[-2:]
+    # A wrong-only rejected answer is polite in a wording drawn independently of the chosen one's: the same wording
+    # about a quarter of the time (4 polite templates), so wording carries no preference.
+    wrong_only = [r for r in rows if evaluate.flaw_of(r) == "wrong"]
+    same = sum(r["chosen"].split()[-2:] == r["rejected"].split()[-2:] for r in wrong_only) / len(wrong_only)
+    assert 0.18 < same < 0.32, same
+    assert all(common.check_synthetic_answer(r["prompt"], r["rejected"])["polite"] for r in wrong_only)
 
 
 def test_demonstrations_carry_mistakes_the_comparisons_do_not(monkeypatch):
