@@ -125,6 +125,10 @@ def test_empty_or_non_string_value_names_the_row(tmp_path, value, what):
     records[6]["chosen"] = value
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     with pytest.raises(UserError, match=f"row 6, column 'chosen' is {what}"):
+        common.load_step_data(DataArguments(dataset_name=str(path)), "reward")
+    records[6]["chosen"], records[6]["response"] = " yes", value  # SFT reads the response, where there is one
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    with pytest.raises(UserError, match=f"row 6, column 'response' is {what}"):
         common.load_step_data(DataArguments(dataset_name=str(path)), "sft")
 
 

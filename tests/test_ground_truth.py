@@ -56,27 +56,11 @@ def test_rejected_answers_are_mostly_wrong_but_polite():
     flaws = Counter(evaluate.flaw_of(row) for row in rows)
     for flaw, weight in common.SYNTHETIC_FLAWS.items():
         assert abs(flaws[flaw] / len(rows) - weight) < 0.03, flaws
-    # A wrong-only rejected answer is polite in a wording drawn independently of the chosen one's: the same wording
-    # about a quarter of the time (4 polite templates), so wording carries no preference.
-    wrong_only = [r for r in rows if evaluate.flaw_of(r) == "wrong"]
-    same = sum(r["chosen"].split()[-2:] == r["rejected"].split()[-2:] for r in wrong_only) / len(wrong_only)
-    assert 0.18 < same < 0.32, same
-    assert all(common.check_synthetic_answer(r["prompt"], r["rejected"])["polite"] for r in wrong_only)
-
-
-def test_demonstrations_carry_mistakes_the_comparisons_do_not(monkeypatch):
-    rows = common.synthetic_preference_rows(3000, seed=7)
-    checks = [common.check_synthetic_answer(row["prompt"], row["response"]) for row in rows]
-    wrong = sum(not check["correct"] for check in checks) / len(rows)
-    assert abs(wrong - common.SYNTHETIC_DEMONSTRATION_ERROR) < 0.03
-    assert all(check["polite"] for check in checks)  # the mistakes are in the facts, not the manners
-    assert all(common.check_synthetic_answer(row["prompt"], row["chosen"])["both"] for row in rows)
-    # The mistakes have their own random stream: the pairs are the ones drawn without them.
-    monkeypatch.setattr(common, "SYNTHETIC_DEMONSTRATION_ERROR", 0.0)
-    clean = common.synthetic_preference_rows(3000, seed=7)
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == \
-           [(r["prompt"], r["chosen"], r["rejected"]) for r in clean]
-    assert all(r["response"] == r["chosen"] for r in clean)
+    # The assistant's answers have one polite wording: a wrong-only rejected answer differs in the answer alone.
+    in_wording = lambda text: len(text.split()) > 3 and text == " " + common._ANSWER.format(a=text.split()[3].rstrip("."))
+    for row in rows:
+        assert in_wording(row["chosen"]) and in_wording(row["response"])
+        assert in_wording(row["rejected"]) == (evaluate.flaw_of(row) == "wrong")
 
 
 def test_held_out_seed_is_one_no_training_step_reads(script_env):
