@@ -432,12 +432,6 @@ _LEGS = {"spider": 8, "dog": 4, "bird": 2, "ant": 6, "cat": 4, "snake": 0, "hors
 _ADD_MAX = 5  # "What is a plus b?" with a, b < 5: 25 sums, few enough for the tiny demo model to learn
 _POLITE = ["{a}. I hope that helps!", "The answer is {a}. Happy to help.", "{a}. Let me know if you have more questions.",
            "It is {a}. Glad I could help!"]
-# The one polite wording of the assistant's answers, in the prompts' earlier turns too (the other polite templates
-# only teach the checker what polite is). With four wordings a reward model learns no preference among them from the pairs,
-# yet scores them apart (measured on SmolLM2: 4.3 to 8.1 for the same right answer), and PPO then learns the wording
-# the reward model happens to like rather than the facts; with one, the answers of the SFT policy differ in the fact
-# they name, and that is what the reward model and PPO must get right.
-_ANSWER = _POLITE[1]
 _RUDE = ["{a}. Stop asking me obvious things.", "Obviously {a}. Figure it out yourself next time.",
          "{a}, you idiot.", "Ugh. {a}. Leave me alone."]
 # What makes an answer polite or rude: the fixed phrases of the templates above (every polite template has one
@@ -480,8 +474,7 @@ def _synthetic_question(rng: random.Random) -> tuple[str, str, str]:
 def synthetic_preference_rows(n: int, seed: int) -> list[dict]:
     """Rows in rm-static schema: the chosen answer is correct and polite; the rejected one is wrong, rude or both
     (drawn with the weights of SYNTHETIC_FLAWS; a wrong-only answer has the chosen one's wording, so the answer
-    itself is the only difference). Every answer of the assistant's own (chosen, wrong-only rejected, response) has
-    one polite wording, _ANSWER: see there why. The response (SFT's demonstration) is the chosen answer, or with probability
+    itself is the only difference). The response (SFT's demonstration) is the chosen answer, or with probability
     SYNTHETIC_DEMONSTRATION_ERROR the same polite sentence naming the wrong answer.
 
     Some prompts carry an earlier exchange, so that prompts have several turns, as real dialogues do.
@@ -496,11 +489,11 @@ def synthetic_preference_rows(n: int, seed: int) -> list[dict]:
                 human, assistant = rng.choice(_OPENINGS)
             else:
                 human, answer, _ = _synthetic_question(rng)
-                assistant = _ANSWER.format(a=answer)
+                assistant = rng.choice(_POLITE).format(a=answer)
             history += f"\n\nHuman: {human}\n\nAssistant: {assistant}"
         question, right, wrong = _synthetic_question(rng)
         prompt = f"{history}\n\nHuman: {question}\n\nAssistant:"
-        template = _ANSWER
+        template = rng.choice(_POLITE)
         chosen = " " + template.format(a=right)
         response = " " + template.format(a=wrong) if mistakes.random() < SYNTHETIC_DEMONSTRATION_ERROR else chosen
         flaw = rng.choices(list(SYNTHETIC_FLAWS), weights=list(SYNTHETIC_FLAWS.values()))[0]

@@ -56,11 +56,9 @@ def test_rejected_answers_are_mostly_wrong_but_polite():
     flaws = Counter(evaluate.flaw_of(row) for row in rows)
     for flaw, weight in common.SYNTHETIC_FLAWS.items():
         assert abs(flaws[flaw] / len(rows) - weight) < 0.03, flaws
-    # The assistant's answers have one polite wording: a wrong-only rejected answer differs in the answer alone.
-    in_wording = lambda text: len(text.split()) > 3 and text == " " + common._ANSWER.format(a=text.split()[3].rstrip("."))
-    for row in rows:
-        assert in_wording(row["chosen"]) and in_wording(row["response"])
-        assert in_wording(row["rejected"]) == (evaluate.flaw_of(row) == "wrong")
+    # A wrong-only rejected answer differs from the chosen one in the answer alone (same template).
+    row = next(r for r in rows if evaluate.flaw_of(r) == "wrong")
+    assert row["chosen"].split()[-2:] == row["rejected"].split()[-2:]
 
 
 def test_held_out_seed_is_one_no_training_step_reads(script_env):
