@@ -11,8 +11,8 @@ tasks); per policy the ground-truth shares of answers that are correct, polite a
 code, common.check_synthetic_answer) or the reward model's win rate over SFT (hh), the KL to the SFT policy, the
 mean length and the EOS rate; the wall time of each step. Finished steps are reused (train.py's own skip); --force
 trains again; so `--seeds 1`, then `--seeds 2`, ... add one seed per call (each call short, the last prints all).
---sft_args / --reward_args / --ppo_args / --eval_args are passed through (e.g. to compare advantage
-estimators: --ppo_args "--advantage_estimator rloo").
+--sft_args / --reward_args / --ppo_args / --eval_args are passed through. --estimators gae,rloo,grpo adds one PPO
+run per advantage estimator on each seed's SFT and reward models, evaluated beside the recipe's PPO.
 """
 
 from __future__ import annotations
@@ -112,10 +112,13 @@ def step_outputs(folder: Path) -> dict[str, str]:
     return {step["step"]: step["output"] for step in summary["steps"]}
 
 
-def estimator_command(args: LearningArguments, seed: int, folder: Path, estimator: str) -> list[str]:
-    """ppo.py as train.py runs it for this seed (same recipe, models and extras), with another estimator; an
-    interrupted attempt resumes from its checkpoint, one that left no checkpoint is replaced."""
-    task, outputs, target = TASKS[args.task], step_outputs(folder), folder / f"ppo-{estimator}"
+def estimator_command(args: LearningArguments, seed: int, folder: Path, estimator: str,
+                      target: Path | None = None) -> list[str]:
+    """ppo.py as train.py runs it for this seed (same recipe, models and extras), with another estimator, into
+    `target` (default seed-S/ppo-E); an interrupted attempt resumes from its checkpoint, one that left no checkpoint
+    is replaced."""
+    task, outputs = TASKS[args.task], step_outputs(folder)
+    target = target or folder / f"ppo-{estimator}"
     command = [sys.executable, str(ROOT / "ppo.py"), "--config", str(ROOT / "recipes" / task["preset"] / "ppo.yaml"),
                "--sft_model_path", outputs["sft"], "--reward_model_path", outputs["reward"],
                "--output_dir", str(target), "--seed", str(seed), "--dataset_name", task["dataset"],
@@ -129,13 +132,18 @@ def estimator_command(args: LearningArguments, seed: int, folder: Path, estimato
 def run_estimators(args: LearningArguments, seed: int, folder: Path) -> None:
     """One PPO run per --estimators entry, skipped where it finished before (unless --force)."""
     for estimator in estimator_list(args):
-        done = folder / f"ppo-{estimator}" / "bench_done.json"
-        if done.exists() and not args.force:
+        target = folder / f"ppo-{estimator}"
+        finished = (target / "bench_done.json").exists()
+        if finished and not args.force:
             continue
-        if args.force:
-            shutil.rmtree(done.parent, ignore_errors=True)
-        seconds = run(estimator_command(args, seed, folder, estimator), folder / "logs" / f"ppo-{estimator}.log")
-        common.write_json(done, {"duration_s": round(seconds, 1)})
+        # A finished run trained again is built beside it and replaces it only once it finished (as train.py does).
+        build = target.with_name(target.name + ".new") if finished else target
+        if build != target:
+            shutil.rmtree(build, ignore_errors=True)
+        seconds = run(estimator_command(args, seed, folder, estimator, build), folder / "logs" / f"ppo-{estimator}.log")
+        common.write_json(build / "bench_done.json", {"duration_s": round(seconds, 1)})
+        if build != target:
+            common.swap_in(build, target)
 
 
 def eval_command(args: LearningArguments, folder: Path) -> list[str]:

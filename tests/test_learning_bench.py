@@ -105,3 +105,35 @@ def test_estimators_each_get_a_ppo_run_on_the_same_models_and_join_the_evaluatio
     assert numbers["ppo-gae - sft both_rate"] == pytest.approx(0.2)
     assert numbers["ppo-grpo - sft both_rate"] == pytest.approx(-0.1)
     assert numbers["time ppo-gae (s)"] == 40.0 and numbers["ppo-grpo kl_to_reference"] == 1.0
+
+
+def test_estimator_run_trained_again_replaces_the_finished_one_only_once_it_finished(tmp_path, monkeypatch):
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": [
+        {"step": "sft", "output": "S"}, {"step": "reward", "output": "R"}, {"step": "ppo", "output": "P"}]}))
+    finished = tmp_path / "ppo-rloo"
+    finished.mkdir()
+    (finished / "bench_done.json").write_text(json.dumps({"duration_s": 1.0}))
+    (finished / "adapter_model.safetensors").write_text("old")
+    args = learning.LearningArguments(task="smollm2-synthetic", estimators="rloo", force=True)
+
+    def failing_run(command, log):
+        assert command[command.index("--output_dir") + 1] == str(tmp_path / "ppo-rloo.new")
+        assert (finished / "adapter_model.safetensors").read_text() == "old"  # untouched while the new one trains
+        raise SystemExit(1)
+
+    monkeypatch.setattr(learning, "run", failing_run)
+    with pytest.raises(SystemExit):
+        learning.run_estimators(args, 1, tmp_path)
+    assert (finished / "adapter_model.safetensors").read_text() == "old"
+
+    def good_run(command, log):
+        out = Path(command[command.index("--output_dir") + 1])
+        out.mkdir()
+        (out / "adapter_model.safetensors").write_text("new")
+        return 7.0
+
+    monkeypatch.setattr(learning, "run", good_run)
+    learning.run_estimators(args, 1, tmp_path)
+    assert (finished / "adapter_model.safetensors").read_text() == "new"
+    assert json.loads((finished / "bench_done.json").read_text()) == {"duration_s": 7.0}
+    assert not (tmp_path / "ppo-rloo.new").exists()
