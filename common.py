@@ -29,9 +29,6 @@ logger = logging.getLogger("simple_rlhf")
 
 STEPS = ("sft", "reward", "ppo")
 REQUIRED_COLUMNS = {"sft": ("prompt", "chosen"), "reward": ("prompt", "chosen", "rejected"), "ppo": ("prompt",)}
-# SFT imitates the demonstration: the `response` column where the data has one (rm-static's equals `chosen`; the
-# built-in synthetic data's carries mistakes), else `chosen`.
-SFT_ANSWER_COLUMNS = ("response", "chosen")
 DATA_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BUILTIN_DATASET = "builtin:synthetic"
 BUILTIN_MODEL = "builtin:tiny-opt"
@@ -755,9 +752,10 @@ def load_step_data(data_args: DataArguments, step: str):
                         f"(it has {', '.join(raw)}); set --dataset_train_split")
     columns = REQUIRED_COLUMNS[step]
     train = raw[data_args.dataset_train_split]
-    if step == "sft":
-        answer = next(c for c in SFT_ANSWER_COLUMNS if c in train.column_names or c == "chosen")
-        columns = ("prompt", answer)
+    if step == "sft" and "response" in train.column_names:
+        # SFT imitates the demonstration: `response` where the data has one (rm-static's equals `chosen`; the
+        # built-in synthetic data's carries mistakes), else `chosen`.
+        columns = ("prompt", "response")
     validate_rows(train, columns, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
     if step == "reward":
         train = drop_identical_pairs(train, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
@@ -779,7 +777,7 @@ def load_step_data(data_args: DataArguments, step: str):
     if data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
     train, evaluation = train.select_columns(list(columns)), evaluation.select_columns(list(columns))
-    if columns[-1] == "response":  # downstream, SFT's answer is `chosen`
+    if "response" in columns:  # downstream, SFT's answer is `chosen`
         train, evaluation = train.rename_column("response", "chosen"), evaluation.rename_column("response", "chosen")
     return train, evaluation
 
