@@ -11,13 +11,11 @@ conversation gets longer than --max_prompt_length tokens, its oldest turns are d
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
-import common
-import rollout
+from simple_rlhf import arguments, data, errors, models, rollout, runs
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 FORMATS = ("auto", "human_assistant", "chat_template")
@@ -58,10 +56,10 @@ def build_prompt(tokenizer, history: list[tuple[str, str]], message: str, use_te
 
 
 def generate(model, tokenizer, prompt, args: ChatArguments) -> str:
-    """One answer. A text prompt is cut from the left at a turn boundary (common.truncate_prompt), as in training."""
+    """One answer. A text prompt is cut from the left at a turn boundary (simple_rlhf.data.truncate_prompt), as in training."""
     if isinstance(prompt, str):
-        ids, _ = common.truncate_prompt(tokenizer, prompt, args.max_prompt_length - len(common.special_prefix(tokenizer)))
-        ids = common.special_prefix(tokenizer) + ids
+        ids, _ = data.truncate_prompt(tokenizer, prompt, args.max_prompt_length - len(data.special_prefix(tokenizer)))
+        ids = data.special_prefix(tokenizer) + ids
     else:
         ids = prompt[-args.max_prompt_length:]
     config = rollout.sampling_config(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -78,28 +76,36 @@ def load_actor(path: str):
     from transformers import AutoModelForCausalLM
     from trl import ModelConfig
 
-    resolved = common.resolve_model_path(path, "--model_path")
-    model = common.load_model(ModelConfig(model_name_or_path=resolved), AutoModelForCausalLM, resolved,
+    resolved = models.resolve_model_path(path, "--model_path")
+    model = models.load_model(ModelConfig(model_name_or_path=resolved), AutoModelForCausalLM, resolved,
                               "--model_path")
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-@common.exit_on_user_error
+ARGUMENTS = (ChatArguments,)
+
+
+def make_parser():
+    """This script's parser (flags and YAML --config), for tests and tools that read its options."""
+    return arguments.make_parser(ARGUMENTS)
+
+
+@errors.exit_on_user_error
 def main(args: ChatArguments) -> None:
     if not args.model_path:
-        raise common.UserError("--model_path is required: the output folder of sft.py or ppo.py, e.g. out/demo/ppo")
+        raise errors.UserError("--model_path is required: the output folder of sft.py or ppo.py, e.g. out/demo/ppo")
     if args.format not in FORMATS:
-        raise common.UserError(f"--format {args.format}: use one of {', '.join(FORMATS)}")
+        raise errors.UserError(f"--format {args.format}: use one of {', '.join(FORMATS)}")
     if args.max_new_tokens < 1 or args.max_prompt_length < 1:
-        raise common.UserError("--max_new_tokens and --max_prompt_length must be at least 1")
+        raise errors.UserError("--max_new_tokens and --max_prompt_length must be at least 1")
     if not args.greedy and args.temperature <= 0:
-        raise common.UserError(f"--temperature {args.temperature}: must be above 0 (or use --greedy true)")
-    common.setup_logging()
-    common.require_causal_lm(common.resolve_model_path(args.model_path, "--model_path"), "--model_path")
-    tokenizer = common.load_tokenizer(common.resolve_model_path(args.model_path, "--model_path"), padding_side="left")
+        raise errors.UserError(f"--temperature {args.temperature}: must be above 0 (or use --greedy true)")
+    runs.setup_logging()
+    models.require_causal_lm(models.resolve_model_path(args.model_path, "--model_path"), "--model_path")
+    tokenizer = models.load_tokenizer(models.resolve_model_path(args.model_path, "--model_path"), padding_side="left")
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.format == "chat_template" and not has_template:
-        raise common.UserError(f"--format chat_template: the tokenizer of {args.model_path} has no chat template; "
+        raise errors.UserError(f"--format chat_template: the tokenizer of {args.model_path} has no chat template; "
                                "use --format human_assistant")
     use_template = args.format == "chat_template" or (args.format == "auto" and has_template)
     model = load_actor(args.model_path)
@@ -133,4 +139,4 @@ def main(args: ChatArguments) -> None:
 
 
 if __name__ == "__main__":
-    main(common.parse_args((ChatArguments,))[0])
+    main(arguments.parse_args(ARGUMENTS)[0])

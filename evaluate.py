@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-import common
-import rollout
+from simple_rlhf import arguments, data, errors, models, rollout, runs, synthetic
 
 
 @dataclass
@@ -68,9 +67,9 @@ def load(path: str, flag: str, auto_class, **kwargs):
     """A model (adapter folders merged into their base) in eval mode, and its tokenizer padded on the left."""
     from trl import ModelConfig
 
-    resolved = common.resolve_model_path(path, flag)
-    model = common.load_model(ModelConfig(model_name_or_path=resolved), auto_class, resolved, flag, **kwargs)
-    return model.to(device()).eval(), common.load_tokenizer(resolved, padding_side="left")
+    resolved = models.resolve_model_path(path, flag)
+    model = models.load_model(ModelConfig(model_name_or_path=resolved), auto_class, resolved, flag, **kwargs)
+    return model.to(device()).eval(), models.load_tokenizer(resolved, padding_side="left")
 
 
 def parse_policies(entries: list[str]) -> dict[str, str]:
@@ -78,9 +77,9 @@ def parse_policies(entries: list[str]) -> dict[str, str]:
     for entry in entries:
         name, _, path = entry.partition("=")
         if not name or not path:
-            raise common.UserError(f"--policies {entry}: write each policy as name=path, e.g. sft=out/demo/sft")
+            raise errors.UserError(f"--policies {entry}: write each policy as name=path, e.g. sft=out/demo/sft")
         if name in policies:
-            raise common.UserError(f"--policies: the name {name!r} is given twice; give each policy its own name")
+            raise errors.UserError(f"--policies: the name {name!r} is given twice; give each policy its own name")
         policies[name] = path
     return policies
 
@@ -89,13 +88,13 @@ def parse_policies(entries: list[str]) -> dict[str, str]:
 # SFT perplexity and reward accuracy
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sft_perplexity(args: EvalArguments, data_args: common.DataArguments) -> dict:
+def sft_perplexity(args: EvalArguments, data_args: data.DataArguments) -> dict:
     """exp(mean cross-entropy over the chosen answers' tokens), the quantity sft.py reports as eval_perplexity."""
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = load(args.sft_model_path, "--sft_model_path", AutoModelForCausalLM)
-    _, rows = common.load_step_data(data_args, "sft")
-    encoded, _ = common.tokenize_for_step(rows, tokenizer, "sft", args.max_length)
+    _, rows = data.load_step_data(data_args, "sft")
+    encoded, _ = data.tokenize_for_step(rows, tokenizer, "sft", args.max_length)
     total, count = 0.0, 0
     for part in rollout.chunks(len(encoded), args.batch_size):
         batch = encoded[part]
@@ -119,9 +118,9 @@ def sequence_scores(reward_model, sequences: list[list[int]], pad_token_id: int,
     return torch.cat(scores)
 
 
-def reward_accuracy(reward_model, reward_tokenizer, args: EvalArguments, data_args: common.DataArguments) -> dict:
-    _, rows = common.load_step_data(data_args, "reward")
-    encoded, _ = common.tokenize_for_step(rows, reward_tokenizer, "reward", args.max_length)
+def reward_accuracy(reward_model, reward_tokenizer, args: EvalArguments, data_args: data.DataArguments) -> dict:
+    _, rows = data.load_step_data(data_args, "reward")
+    encoded, _ = data.tokenize_for_step(rows, reward_tokenizer, "reward", args.max_length)
     pad = reward_tokenizer.pad_token_id
     chosen = sequence_scores(reward_model, encoded["chosen_ids"], pad, args.batch_size)
     rejected = sequence_scores(reward_model, encoded["rejected_ids"], pad, args.batch_size)
@@ -134,33 +133,33 @@ def reward_accuracy_by_flaw(reward_model, reward_tokenizer, args: EvalArguments)
     ground-truth check): a reward model that only detects rudeness is perfect on `rude` and at chance on `wrong`."""
     import datasets
 
-    rows = common.synthetic_held_out_rows(args.held_out_pairs)
-    encoded, _ = common.tokenize_for_step(datasets.Dataset.from_list(rows), reward_tokenizer, "reward",
+    rows = synthetic.synthetic_held_out_rows(args.held_out_pairs)
+    encoded, _ = data.tokenize_for_step(datasets.Dataset.from_list(rows), reward_tokenizer, "reward",
                                           args.max_length)
     pad = reward_tokenizer.pad_token_id
     right = (sequence_scores(reward_model, encoded["chosen_ids"], pad, args.batch_size) >
              sequence_scores(reward_model, encoded["rejected_ids"], pad, args.batch_size))
     flaws = [flaw_of(row) for row in rows]
     return {flaw: right[[f == flaw for f in flaws]].float().mean().item()
-            for flaw in common.SYNTHETIC_FLAWS if flaw in flaws}
+            for flaw in synthetic.SYNTHETIC_FLAWS if flaw in flaws}
 
 
 def flaw_of(row: dict) -> str:
-    check = common.check_synthetic_answer(row["prompt"], row["rejected"])
+    check = synthetic.check_synthetic_answer(row["prompt"], row["rejected"])
     return "both" if not (check["correct"] or check["polite"]) else "wrong" if check["polite"] else "rude"
 
 
 def ground_truth_rates(prompts: list[str], answers: list[str]) -> dict:
-    """builtin:synthetic: the shares of answers that are correct, polite, and both (common.check_synthetic_answer)."""
-    checks = [common.check_synthetic_answer(p, a) for p, a in zip(prompts, answers)]
+    """builtin:synthetic: the shares of answers that are correct, polite, and both (simple_rlhf.synthetic.check_synthetic_answer)."""
+    checks = [synthetic.check_synthetic_answer(p, a) for p, a in zip(prompts, answers)]
     return {f"{key}_rate": sum(c[key] for c in checks) / len(checks) for key in ("correct", "polite", "both")}
 
 
-def policy_prompts(args: EvalArguments, data_args: common.DataArguments) -> list[str]:
+def policy_prompts(args: EvalArguments, data_args: data.DataArguments) -> list[str]:
     """The prompts the policies answer: held-out rows (for builtin:synthetic, questions no step trained on)."""
-    if data_args.dataset_name == common.BUILTIN_DATASET:
-        return [row["prompt"] for row in common.synthetic_held_out_rows(args.max_prompts)]
-    _, rows = common.load_step_data(data_args, "ppo")
+    if data_args.dataset_name == synthetic.BUILTIN_DATASET:
+        return [row["prompt"] for row in synthetic.synthetic_held_out_rows(args.max_prompts)]
+    _, rows = data.load_step_data(data_args, "ppo")
     return rows["prompt"][: args.max_prompts]
 
 
@@ -171,7 +170,7 @@ def answer(model, tokenizer, prompts: list[str], args: EvalArguments) -> dict:
     """Sampled answers to the prompts (cut from the left as ppo.py cuts them) and their summed log-probs."""
     import datasets
 
-    encoded, _ = common.tokenize_for_step(datasets.Dataset.from_dict({"prompt": prompts}), tokenizer, "ppo",
+    encoded, _ = data.tokenize_for_step(datasets.Dataset.from_dict({"prompt": prompts}), tokenizer, "ppo",
                                           args.max_prompt_length, args.max_prompt_length)
     queries, query_mask = rollout.left_pad(encoded["input_ids"], tokenizer.pad_token_id, device())
     config = rollout.sampling_config(args.response_length, args.temperature, args.top_k, args.top_p,
@@ -221,7 +220,7 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
         sample = answers["rollout"]
         numbers = {"path": path, "mean_length": sample.response_mask.sum(1).float().mean().item(),
                    "eos_rate": sample.has_stop.float().mean().item()}
-        if data_args.dataset_name == common.BUILTIN_DATASET:
+        if data_args.dataset_name == synthetic.BUILTIN_DATASET:
             numbers.update(ground_truth_rates(prompts, decode_answers(answers)))
         if reference is not None and rollout.same_tokenizer(tokenizer, reference[1]):
             # k1 estimate of KL(policy || reference) per answer: E[log p(answer) - log q(answer)] over samples.
@@ -271,30 +270,38 @@ def print_table(results: dict) -> None:
         columns = ["reward_mean"] + sorted({k for p in policies.values() for k in p if k.startswith("win_rate")}) + \
                   ["kl_to_reference", "mean_length", "eos_rate"] + \
                   [c for c in ("correct_rate", "polite_rate", "both_rate") if c in next(iter(policies.values()))]
-        common.print_table([["policy"] + columns] + [[name] + [f"{p[c]:.3f}" if c in p else "-" for c in columns]
+        runs.print_table([["policy"] + columns] + [[name] + [f"{p[c]:.3f}" if c in p else "-" for c in columns]
                                                      for name, p in policies.items()])
 
 
-@common.exit_on_user_error
-def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
+ARGUMENTS = (EvalArguments, data.DataArguments)
+
+
+def make_parser():
+    """This script's parser (flags and YAML --config), for tests and tools that read its options."""
+    return arguments.make_parser(ARGUMENTS)
+
+
+@errors.exit_on_user_error
+def main(args: EvalArguments, data_args: data.DataArguments) -> dict:
     from transformers import AutoModelForSequenceClassification
 
-    common.setup_logging()
+    runs.setup_logging()
     policies = parse_policies(args.policies)
     if not (args.sft_model_path or args.reward_model_path or policies):
-        raise common.UserError("nothing to evaluate: give --sft_model_path, --reward_model_path and/or --policies")
+        raise errors.UserError("nothing to evaluate: give --sft_model_path, --reward_model_path and/or --policies")
     for flag in ("max_prompts", "response_length", "batch_size", "max_length", "max_prompt_length",
                  "held_out_pairs"):
         if getattr(args, flag) < 1:
-            raise common.UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+            raise errors.UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     for flag, path in [("--sft_model_path", args.sft_model_path), ("--reward_model_path", args.reward_model_path),
                        *[(f"--policies {n}", p) for n, p in policies.items()]]:
         if path:
-            resolved = common.resolve_model_path(path, flag)  # a missing folder fails here, before any model is loaded
+            resolved = models.resolve_model_path(path, flag)  # a missing folder fails here, before any model is loaded
             if flag != "--reward_model_path":
-                common.require_causal_lm(resolved, flag)  # a reward model given as a policy would run silently
+                models.require_causal_lm(resolved, flag)  # a reward model given as a policy would run silently
     if args.reward_model_path:
-        rollout.check_reward_model(common.resolve_model_path(args.reward_model_path, "--reward_model_path"),
+        rollout.check_reward_model(models.resolve_model_path(args.reward_model_path, "--reward_model_path"),
                                "--reward_model_path")
 
     results = {"dataset": data_args.dataset_name}
@@ -305,7 +312,7 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
         reward = load(args.reward_model_path, "--reward_model_path", AutoModelForSequenceClassification, num_labels=1)
         results["reward"] = {"path": args.reward_model_path,
                              **reward_accuracy(reward[0], reward[1], args, data_args)}
-        if data_args.dataset_name == common.BUILTIN_DATASET:
+        if data_args.dataset_name == synthetic.BUILTIN_DATASET:
             results["reward"].update(held_out_pairs=args.held_out_pairs,
                                      accuracy_by_flaw=reward_accuracy_by_flaw(reward[0], reward[1], args))
     if policies:
@@ -317,10 +324,10 @@ def main(args: EvalArguments, data_args: common.DataArguments) -> dict:
             show_answers(answers, args.show)
     print_table(results)
     path = Path(args.output_dir) / "eval_results.json"
-    common.write_json(path, results)
+    runs.write_json(path, results)
     print(f"\nresults: {path}")
     return results
 
 
 if __name__ == "__main__":
-    main(*common.parse_args((EvalArguments, common.DataArguments)))
+    main(*arguments.parse_args(ARGUMENTS))

@@ -11,18 +11,22 @@ Accuracy (chosen scored above rejected) and mean margin are reported on the eval
 from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
 
-import common
-import plots
+from simple_rlhf import arguments, data, errors, models, plots, runs, trainer_steps
 
-ARGUMENTS = (common.DataArguments, RewardConfig, ModelConfig)
+ARGUMENTS = (data.DataArguments, RewardConfig, ModelConfig)
 
 
-@common.exit_on_user_error
-def main(data_args: common.DataArguments, training_args: RewardConfig, model_args: ModelConfig):
-    tokenizer, resume, train, evaluation = common.prepare_trainer_step("reward", data_args, training_args,
+def make_parser():
+    """This script's parser (flags and YAML --config), for tests and tools that read its options."""
+    return arguments.make_parser(ARGUMENTS)
+
+
+@errors.exit_on_user_error
+def main(data_args: data.DataArguments, training_args: RewardConfig, model_args: ModelConfig):
+    tokenizer, resume, train, evaluation = trainer_steps.prepare_trainer_step("reward", data_args, training_args,
                                                                        model_args)
 
-    model = common.load_model(model_args, AutoModelForSequenceClassification, num_labels=1)
+    model = models.load_model(model_args, AutoModelForSequenceClassification, num_labels=1)
     # The score is read at the last token that is not padding, so the model must know the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     if model_args.use_peft and model_args.lora_task_type == "CAUSAL_LM":
@@ -34,15 +38,15 @@ def main(data_args: common.DataArguments, training_args: RewardConfig, model_arg
         eval_dataset=evaluation if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=common.trainer_callbacks(),
+        callbacks=trainer_steps.trainer_callbacks(),
     )
-    common.log_distribution(trainer.accelerator)
+    runs.log_distribution(trainer.accelerator)
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = trainer.evaluate(evaluation)
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
-    common.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter,
+    trainer_steps.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter,
                                AutoModelForSequenceClassification)
     trainer.accelerator.print(f"Reward model done: eval accuracy {metrics['eval_accuracy']:.3f}, mean margin "
                               f"{metrics['eval_margin']:.3f}, model in {training_args.output_dir}")
@@ -52,4 +56,4 @@ def main(data_args: common.DataArguments, training_args: RewardConfig, model_arg
 
 
 if __name__ == "__main__":
-    main(*common.parse_args(ARGUMENTS))
+    main(*arguments.parse_args(ARGUMENTS))

@@ -12,10 +12,14 @@ import math
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-import common
-import plots
+from simple_rlhf import arguments, data, errors, models, plots, runs, trainer_steps
 
-ARGUMENTS = (common.DataArguments, SFTConfig, ModelConfig)
+ARGUMENTS = (data.DataArguments, SFTConfig, ModelConfig)
+
+
+def make_parser():
+    """This script's parser (flags and YAML --config), for tests and tools that read its options."""
+    return arguments.make_parser(ARGUMENTS)
 
 
 def add_perplexity(metrics: dict) -> dict:
@@ -32,13 +36,13 @@ class PerplexitySFTTrainer(SFTTrainer):
         super().log(add_perplexity(logs), start_time)
 
 
-@common.exit_on_user_error
-def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: ModelConfig):
-    tokenizer, resume, train, evaluation = common.prepare_trainer_step("sft", data_args, training_args, model_args)
+@errors.exit_on_user_error
+def main(data_args: data.DataArguments, training_args: SFTConfig, model_args: ModelConfig):
+    tokenizer, resume, train, evaluation = trainer_steps.prepare_trainer_step("sft", data_args, training_args, model_args)
     if training_args.completion_only_loss is None:
         training_args.completion_only_loss = True  # our default: learn the answers, not the prompts
 
-    model = common.load_model(model_args, AutoModelForCausalLM)
+    model = models.load_model(model_args, AutoModelForCausalLM)
     trainer = PerplexitySFTTrainer(
         model=model,
         args=training_args,
@@ -46,15 +50,15 @@ def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: 
         eval_dataset=evaluation if training_args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=common.trainer_callbacks(),
+        callbacks=trainer_steps.trainer_callbacks(),
     )
-    common.log_distribution(trainer.accelerator)
+    runs.log_distribution(trainer.accelerator)
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = add_perplexity(trainer.evaluate(evaluation))
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
-    common.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter, AutoModelForCausalLM)
+    trainer_steps.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter, AutoModelForCausalLM)
     trainer.accelerator.print(f"SFT done: eval perplexity {metrics['eval_perplexity']:.3f}, model in "
                               f"{training_args.output_dir}")
     if trainer.is_world_process_zero():
@@ -63,4 +67,4 @@ def main(data_args: common.DataArguments, training_args: SFTConfig, model_args: 
 
 
 if __name__ == "__main__":
-    main(*common.parse_args(ARGUMENTS))
+    main(*arguments.parse_args(ARGUMENTS))

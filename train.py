@@ -30,8 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import common
-import plots
+from simple_rlhf import arguments, data, errors, plots, runs
 
 ROOT = Path(__file__).resolve().parent
 STEP_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
@@ -72,22 +71,22 @@ def validate(args: TrainArguments) -> dict[str, list[str]]:
     recipes = ROOT / "recipes" / args.preset
     if not recipes.is_dir():
         known = ", ".join(sorted(p.name for p in (ROOT / "recipes").iterdir() if p.is_dir()))
-        raise common.UserError(f"--preset {args.preset}: no folder recipes/{args.preset}; use one of {known}")
+        raise errors.UserError(f"--preset {args.preset}: no folder recipes/{args.preset}; use one of {known}")
     bad = [s for s in args.steps if s not in STEP_NAMES]
     if bad or not args.steps:
-        raise common.UserError(f"--steps {' '.join(map(str, args.steps))}: give some of 1 (sft), 2 (reward), 3 (ppo)")
+        raise errors.UserError(f"--steps {' '.join(map(str, args.steps))}: give some of 1 (sft), 2 (reward), 3 (ppo)")
     if args.accelerate_config != "none" and not Path(args.accelerate_config).is_file() and \
             (ROOT / args.accelerate_config).is_file():
         args.accelerate_config = str(ROOT / args.accelerate_config)  # the default, run from another folder
     if args.accelerate_config != "none" and not Path(args.accelerate_config).is_file():
-        raise common.UserError(f"--accelerate_config {args.accelerate_config}: no such file; give an accelerate "
+        raise errors.UserError(f"--accelerate_config {args.accelerate_config}: no such file; give an accelerate "
                                "config (e.g. accelerate_config.yaml, configs/ddp.yaml) or `none` for plain python")
     extra = {}
     for name in STEP_NAMES.values():
         try:
             extra[name] = shlex.split(getattr(args, f"{name}_args"))
         except ValueError as error:
-            raise common.UserError(f"--{name}_args {getattr(args, f'{name}_args')!r}: {error}; quote it as one "
+            raise errors.UserError(f"--{name}_args {getattr(args, f'{name}_args')!r}: {error}; quote it as one "
                                    "shell string, e.g. --sft_args \"--lora_r 16\"")
     return extra
 
@@ -118,7 +117,7 @@ def check_inputs(args: TrainArguments, root: Path, extra: dict[str, list[str]]) 
     for name in chosen:
         for step, flag in step_inputs(args, name, extra):
             if step not in chosen and final_output(root / step) is None:
-                raise common.UserError(f"{root / step} holds no finished {step} step, which step {name} needs; add "
+                raise errors.UserError(f"{root / step} holds no finished {step} step, which step {name} needs; add "
                                        f"{list(STEP_NAMES.values()).index(step) + 1} to --steps, or pass "
                                        f"`{flag} PATH` in --{name}_args")
 
@@ -157,7 +156,7 @@ def fp32_on_this_cpu(args: TrainArguments, step_args: list[str]) -> bool:
 
     if args.accelerate_config == "none" or any(arg.startswith("--bf16") for arg in step_args):
         return False
-    return not torch.cuda.is_available() and not common.cpu_has_fast_bf16()
+    return not torch.cuda.is_available() and not arguments.cpu_has_fast_bf16()
 
 
 def step_arguments(name: str) -> tuple:
@@ -167,7 +166,7 @@ def step_arguments(name: str) -> tuple:
 
         from ppo import PPOArguments
 
-        return (common.DataArguments, PPOArguments, ModelConfig)
+        return (data.DataArguments, PPOArguments, ModelConfig)
     return importlib.import_module(name).ARGUMENTS
 
 
@@ -180,9 +179,9 @@ def validate_steps(args: TrainArguments, root: Path, extra: dict[str, list[str]]
         command = step_command(args, name, root, extra, resume=False)
         argv = command[command.index(str(ROOT / SCRIPTS[name])) + 1:]
         try:
-            common.validate_args(step_arguments(name), argv, check_paths=False)
-        except common.UserError as error:
-            raise common.UserError(f"step {number} ({name}): {error}")
+            arguments.validate_args(step_arguments(name), argv, check_paths=False)
+        except errors.UserError as error:
+            raise errors.UserError(f"step {number} ({name}): {error}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,7 +253,7 @@ def collect_plot(name: str, folder: Path, plots_dir: Path) -> str | None:
     try:
         path = plots.plot_step(name, folder)
     except Exception as error:  # a chart must not cost a finished training run
-        print(f"warning: could not plot step {name}: {common.describe(error)}", file=sys.stderr)
+        print(f"warning: could not plot step {name}: {errors.describe(error)}", file=sys.stderr)
         return None
     if path is None:
         return None
@@ -264,7 +263,7 @@ def collect_plot(name: str, folder: Path, plots_dir: Path) -> str | None:
 
 def print_summary(rows: list[dict]) -> None:
     print()
-    common.print_table([("step", "status", "time", "headline", "output")] +
+    runs.print_table([("step", "status", "time", "headline", "output")] +
                        [(r["step"], r["status"], f"{r['duration_s']:.0f}s", headline(r["step"], r["metrics"]),
                          r["output"]) for r in rows])
 
@@ -279,11 +278,19 @@ def later_finished_steps(root: Path, number: int, chosen: list[int]) -> list[str
             if later > number and later not in chosen and is_finished(root / step)]
 
 
-@common.exit_on_user_error
+ARGUMENTS = (TrainArguments,)
+
+
+def make_parser():
+    """This script's parser (flags and YAML --config), for tests and tools that read its options."""
+    return arguments.make_parser(ARGUMENTS)
+
+
+@errors.exit_on_user_error
 def main(args: TrainArguments) -> list[dict]:
     extra = validate(args)
     root = Path(args.output_dir or f"out/{args.preset}").resolve()  # the steps run from the project root
-    common.check_output_writable(root, "--output_dir")
+    arguments.check_output_writable(root, "--output_dir")
     check_inputs(args, root, extra)
     validate_steps(args, root, extra)
     fp32 = [STEP_NAMES[n] for n in sorted(set(args.steps)) if fp32_on_this_cpu(args, extra[STEP_NAMES[n]])]
@@ -294,7 +301,7 @@ def main(args: TrainArguments) -> list[dict]:
     for number in sorted(set(args.steps)):
         name = STEP_NAMES[number]
         folder = root / name
-        common.finish_interrupted_swap(folder, ready=is_finished)
+        runs.finish_interrupted_swap(folder, ready=is_finished)
         done_file = folder / DONE_FILE
         again = args.force or rerun_from is not None
         if done_file.exists() and rerun_from is not None:
@@ -308,11 +315,11 @@ def main(args: TrainArguments) -> list[dict]:
         # Run again, the step is built beside the old folder and swapped in once it finished. An earlier attempt
         # there is resumed when it has a checkpoint, unless an earlier step was just re-made (then it is stale).
         target = root / f"{name}.new" if again and folder.exists() else folder
-        if target != folder and (rerun_from is not None or common.newest_complete_checkpoint(target) is None):
+        if target != folder and (rerun_from is not None or runs.newest_complete_checkpoint(target) is None):
             shutil.rmtree(target, ignore_errors=True)
-        checkpoint = common.newest_complete_checkpoint(target)
+        checkpoint = runs.newest_complete_checkpoint(target)
         # Outputs of an attempt killed before its first checkpoint: replaced (deleted once this run finished).
-        leftovers = checkpoint is None and bool(common.run_contents(target))
+        leftovers = checkpoint is None and bool(runs.run_contents(target))
         command = step_command(args, name, root, extra, resume=checkpoint is not None, output_dir=target,
                                overwrite=leftovers)
         if checkpoint:
@@ -325,7 +332,7 @@ def main(args: TrainArguments) -> list[dict]:
             code = 1  # e.g. ppo.py stopped on a signal after a checkpoint: it exits 0 but did not finish
             tail.append(f"(step {name} exited 0 without writing its final model to {target})")
         if code != 0:
-            if target != folder and common.newest_complete_checkpoint(target) is None:
+            if target != folder and runs.newest_complete_checkpoint(target) is None:
                 shutil.rmtree(target, ignore_errors=True)  # nothing to resume: leave only the untouched old folder
             print(f"\nerror: step {number} ({name}) failed with exit code {code}; the last {len(tail)} lines of "
                   f"{root / 'logs' / f'{name}.log'}:", file=sys.stderr)
@@ -334,9 +341,9 @@ def main(args: TrainArguments) -> list[dict]:
         record = {"step": name, "duration_s": round(duration, 1), "metrics": step_metrics(name, target),
                   "output": str(folder / final_output(target).relative_to(target)), "command": command,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        common.write_json(target / DONE_FILE, record)  # written last: its presence means the step finished
+        runs.write_json(target / DONE_FILE, record)  # written last: its presence means the step finished
         if target != folder:
-            common.swap_in(target, folder)
+            runs.swap_in(target, folder)
         summary.append({**record, "status": "ran", "plot": collect_plot(name, folder, root / "plots")})
         rerun_from = rerun_from or name
         for stale in later_finished_steps(root, number, args.steps):
@@ -344,10 +351,10 @@ def main(args: TrainArguments) -> list[dict]:
                   "train it again", flush=True)
 
     print_summary(summary)
-    common.write_json(root / "summary.json", {"preset": args.preset, "output_dir": str(root), "steps": summary})
+    runs.write_json(root / "summary.json", {"preset": args.preset, "output_dir": str(root), "steps": summary})
     print(f"\nsummary: {root / 'summary.json'}; charts: {root / 'plots'}; logs: {root / 'logs'}")
     return summary
 
 
 if __name__ == "__main__":
-    main(common.parse_args((TrainArguments,))[0])
+    main(arguments.parse_args(ARGUMENTS)[0])

@@ -8,7 +8,7 @@ Each seed runs train.py (the task's preset, plain python, `--seed S` for every s
 then evaluate.py on held-out data with the base, SFT and PPO policies. The table gives, as mean ± std over seeds
 (and each seed's value): the reward model's held-out accuracy (per flaw of the rejected answer on the synthetic
 tasks); per policy the ground-truth shares of answers that are correct, polite and both (synthetic tasks; checked by
-code, common.check_synthetic_answer) or the reward model's win rate over SFT (hh), the KL to the SFT policy, the
+code, simple_rlhf.synthetic.check_synthetic_answer) or the reward model's win rate over SFT (hh), the KL to the SFT policy, the
 mean length and the EOS rate; the wall time of each step. Finished steps are reused (train.py's own skip); --force
 trains again; so `--seeds 1`, then `--seeds 2`, ... add one seed per call (each call short, the last prints all).
 --sft_args / --reward_args / --ppo_args / --eval_args are passed through. --estimators gae,rloo,grpo adds one PPO
@@ -31,16 +31,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+from simple_rlhf import data, errors, models, runs, synthetic  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HH_DATA = str(ROOT.parent / "shared" / "data" / "hh-rlhf-static")
 # Per task: train.py's preset, the dataset, which model the reward model starts from, the base policy, and the
 # evaluation's answer length (the PPO recipe's response_length).
 TASKS = {
-    "demo": dict(preset="demo", dataset=common.BUILTIN_DATASET, reward_model="sft", base=common.BUILTIN_MODEL,
+    "demo": dict(preset="demo", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=models.BUILTIN_MODEL,
                  response_length=10),
-    "smollm2-synthetic": dict(preset="smollm2", dataset=common.BUILTIN_DATASET, reward_model="sft", base=None,
+    "smollm2-synthetic": dict(preset="smollm2", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=None,
                               response_length=16),
     "smollm2-hh": dict(preset="smollm2", dataset=HH_DATA, reward_model="recipe", base=None, response_length=48,
                        sft_args="--max_length 256", reward_args="--max_length 256",
@@ -71,22 +71,22 @@ class LearningArguments:
 
 def validate(args: LearningArguments) -> None:
     if args.task not in TASKS:
-        raise common.UserError(f"--task {args.task}: use one of {', '.join(TASKS)}")
+        raise errors.UserError(f"--task {args.task}: use one of {', '.join(TASKS)}")
     if args.seeds < 1:
-        raise common.UserError(f"--seeds {args.seeds}: must be at least 1")
+        raise errors.UserError(f"--seeds {args.seeds}: must be at least 1")
     if args.task == "smollm2-hh" and not Path(HH_DATA, "train.jsonl").exists():
-        raise common.UserError(f"--task smollm2-hh: {HH_DATA}/train.jsonl is absent")
-    if args.task != "demo" and common.looks_like_local_path(args.model_path) and not Path(args.model_path).is_dir():
-        raise common.UserError(f"--model_path {args.model_path}: no such folder; give SmolLM2-135M-Instruct's folder "
+        raise errors.UserError(f"--task smollm2-hh: {HH_DATA}/train.jsonl is absent")
+    if args.task != "demo" and data.looks_like_local_path(args.model_path) and not Path(args.model_path).is_dir():
+        raise errors.UserError(f"--model_path {args.model_path}: no such folder; give SmolLM2-135M-Instruct's folder "
                                f"or the hub id {SMOLLM2}")
     unknown = [e for e in estimator_list(args) if e not in ("gae", "rloo", "grpo")]
     if unknown:
-        raise common.UserError(f"--estimators {args.estimators}: {', '.join(unknown)} is not one of gae, rloo, grpo")
+        raise errors.UserError(f"--estimators {args.estimators}: {', '.join(unknown)} is not one of gae, rloo, grpo")
     for name in ("sft_args", "reward_args", "ppo_args", "eval_args"):
         try:
             shlex.split(getattr(args, name))
         except ValueError as error:
-            raise common.UserError(f"--{name} {getattr(args, name)!r}: {error}")
+            raise errors.UserError(f"--{name} {getattr(args, name)!r}: {error}")
 
 
 def train_command(args: LearningArguments, seed: int, folder: Path) -> list[str]:
@@ -124,7 +124,7 @@ def estimator_command(args: LearningArguments, seed: int, folder: Path, estimato
                "--output_dir", str(target), "--seed", str(seed), "--dataset_name", task["dataset"],
                *shlex.split(task.get("ppo_args", "")), *shlex.split(args.ppo_args),
                "--advantage_estimator", estimator]
-    if common.newest_complete_checkpoint(target) is not None:
+    if runs.newest_complete_checkpoint(target) is not None:
         return command + ["--resume_from_checkpoint", "true"]
     return command + (["--overwrite_output_dir", "true"] if target.exists() else [])
 
@@ -141,9 +141,9 @@ def run_estimators(args: LearningArguments, seed: int, folder: Path) -> None:
         if build != target:
             shutil.rmtree(build, ignore_errors=True)
         seconds = run(estimator_command(args, seed, folder, estimator, build), folder / "logs" / f"ppo-{estimator}.log")
-        common.write_json(build / "bench_done.json", {"duration_s": round(seconds, 1)})
+        runs.write_json(build / "bench_done.json", {"duration_s": round(seconds, 1)})
         if build != target:
-            common.swap_in(build, target)
+            runs.swap_in(build, target)
 
 
 def eval_command(args: LearningArguments, folder: Path) -> list[str]:
@@ -218,7 +218,7 @@ def summarise(per_seed: list[dict[str, float]]) -> list[list[str]]:
     return rows
 
 
-@common.exit_on_user_error
+@errors.exit_on_user_error
 def main(args: LearningArguments) -> list[dict]:
     validate(args)
     root = Path(args.output_dir).resolve() / args.task
@@ -235,12 +235,12 @@ def main(args: LearningArguments) -> list[dict]:
         if args.force or not timing.exists() or json.loads(timing.read_text()).get("command") != command or \
                 timing.stat().st_mtime < max(path.stat().st_mtime for path in finished):
             seconds = run(command, folder / "logs" / "bench_eval.log")
-            common.write_json(timing, {"eval_s": seconds, "command": command})
+            runs.write_json(timing, {"eval_s": seconds, "command": command})
         per_seed.append(seed_numbers(args, folder, json.loads(timing.read_text())["eval_s"]))
     print(f"\n{args.task}: {args.seeds} seed(s); policies sampled at temperature 1 on {args.max_prompts} held-out "
           "prompts; KL to the SFT policy")
-    common.print_table(summarise(per_seed))
-    common.write_json(root / "learning.json", {"task": args.task, "args": vars(args), "per_seed": per_seed})
+    runs.print_table(summarise(per_seed))
+    runs.write_json(root / "learning.json", {"task": args.task, "args": vars(args), "per_seed": per_seed})
     print(f"\nall numbers: {root / 'learning.json'}")
     return per_seed
 

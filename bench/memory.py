@@ -19,9 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
-import memory_plan  # noqa: E402
-from memory_plan import GIB  # noqa: E402
+from simple_rlhf import arguments, data, errors, memory, memory_plan, models, rollout, runs  # noqa: E402
+from simple_rlhf.memory import GIB  # noqa: E402
 
 
 @dataclass
@@ -48,7 +47,7 @@ def step_arguments(step: str):
         return reward.ARGUMENTS
     import ppo
 
-    return (common.DataArguments, ppo.PPOArguments, ppo.ModelConfig)
+    return (data.DataArguments, ppo.PPOArguments, ppo.ModelConfig)
 
 
 def guess_step(argv: list[str]) -> str | None:
@@ -95,9 +94,7 @@ def same_tokenizer(args) -> bool:
     paths = [args.sft_model_path, args.reward_model_path]
     if not all(path and Path(path).is_dir() for path in paths):
         return True
-    import rollout
-
-    return rollout.same_tokenizer(*(common.load_tokenizer(path) for path in paths))
+    return rollout.same_tokenizer(*(models.load_tokenizer(path) for path in paths))
 
 
 def print_plan(plan, gpu_bytes: float) -> None:
@@ -106,15 +103,15 @@ def print_plan(plan, gpu_bytes: float) -> None:
         rows.append([line.role, line.kind, f"{line.gpu / GIB:.2f}", f"{line.cpu / GIB:.2f}" if line.cpu else "",
                      line.note])
     rows.append(["total", "tensors at the peak", f"{plan.allocated / GIB:.2f}", "", ""])
-    rows.append(["margin", f"CUDA context {memory_plan.CUDA_CONTEXT_GIB} GiB + allocator "
-                 f"{memory_plan.FRAGMENTATION:.0%}", f"{plan.margin / GIB:.2f}", "", ""])
+    rows.append(["margin", f"CUDA context {memory.CUDA_CONTEXT_GIB} GiB + allocator "
+                 f"{memory.FRAGMENTATION:.0%}", f"{plan.margin / GIB:.2f}", "", ""])
     rows.append(["peak", "predicted", f"{plan.total / GIB:.2f}", "", ""])
-    common.print_table(rows)
+    runs.print_table(rows)
     peak = max(plan.phases, key=plan.phases.get)
     print(f"\ntransient memory of each phase (one phase at a time; {peak} is the peak, in the total above):")
     rows = [["phase", "role", "what", "GiB"]]
     rows += [[phase, role, what, f"{b / GIB:.2f}"] for phase, role, what, b in plan.details]
-    common.print_table(rows)
+    runs.print_table(rows)
 
 
 def main(argv=None):
@@ -124,20 +121,20 @@ def main(argv=None):
 
         return memory_validate.main()
     step = guess_step(argv)
-    if step not in common.STEPS:
+    if step not in data.STEPS:
         raise SystemExit(f"error: cannot tell the step from {step!r}; give --config recipes/X/(sft|reward|ppo).yaml "
                          "or --step sft|reward|ppo")
     # The recipe's model folders need not exist yet: the plan is made before step 1 has run.
-    parsed = common.exit_on_user_error(common.validate_args)((MemoryArguments, *step_arguments(step)), argv,
+    parsed = errors.exit_on_user_error(arguments.validate_args)((MemoryArguments, *step_arguments(step)), argv,
                                                              check_paths=False)
     options, args, model_args = parsed[0], parsed[-2], parsed[-1]
     try:
-        launch = memory_plan.launch_from_file(options.accelerate_config)
+        launch = memory.launch_from_file(options.accelerate_config)
         notes = fill_ppo_models(args, argv) if step == "ppo" else []
         setup = memory_plan.setup_from_args(step, args, model_args, launch,
                                             same_tokenizer(args) if step == "ppo" else True)
         plan = memory_plan.make_plan(setup)
-    except (memory_plan.PlanError, common.UserError) as error:
+    except (memory.PlanError, errors.UserError) as error:
         raise SystemExit(f"error: {error}")
     gpu = options.gpu_memory_gb * GIB
     for note in notes:

@@ -25,8 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
-import memory_plan  # noqa: E402
+from simple_rlhf import arguments, data, memory, memory_plan, models, runs  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -79,10 +78,10 @@ def arch_folder(folder: Path, config_file: str | None = None) -> Path:
         config = AutoConfig.for_model(**json.loads(Path(config_file).read_text()))
         tokenizer_path = SHARED / "tokenizers" / "gpt2"
     else:  # a small OPT, for the test: hidden 256, 4 layers, the demo tokenizer's vocabulary
-        tokenizer_path = Path(common.resolve_model_path(common.BUILTIN_MODEL))
+        tokenizer_path = Path(models.resolve_model_path(models.BUILTIN_MODEL))
         config = OPTConfig(vocab_size=640, hidden_size=256, word_embed_proj_dim=256, num_hidden_layers=4,
                            ffn_dim=1024, num_attention_heads=4, max_position_embeddings=1024, dropout=0.1)
-    tokenizer = common.load_tokenizer(str(tokenizer_path))
+    tokenizer = models.load_tokenizer(str(tokenizer_path))
     config.pad_token_id = config.eos_token_id = config.bos_token_id = tokenizer.eos_token_id
     config.dtype = "float32"
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +117,7 @@ def profiled_peak(run) -> int:
 
 
 def random_rows(case: Case, vocab: int, n: int, seed: int = 0) -> list[dict]:
-    """Token rows of exactly the planned length (prompt half, answer half), as common.tokenize_for_step makes them."""
+    """Token rows of exactly the planned length (prompt half, answer half), as simple_rlhf.data.tokenize_for_step makes them."""
     import random
 
     rng = random.Random(seed)
@@ -153,7 +152,7 @@ def measure_trainer_step(case: Case, arch: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import RewardTrainer, SFTTrainer, get_peft_config
 
-    tokenizer = common.load_tokenizer(str(arch))
+    tokenizer = models.load_tokenizer(str(arch))
     config = AutoConfig.from_pretrained(arch)
     with tempfile.TemporaryDirectory() as tmp:
         args, model_args = trainer_arguments(case, arch, tmp)
@@ -175,7 +174,7 @@ def measure_trainer_step(case: Case, arch: Path) -> dict:
             trainer.train()
 
         measured = static + profiled_peak(run)
-        setup = memory_plan.setup_from_args(case.step, args, model_args, memory_plan.Launch())
+        setup = memory_plan.setup_from_args(case.step, args, model_args, memory.Launch())
         plan = memory_plan.make_plan(replace(setup, device="cpu"))
     return {"predicted": plan.allocated, "measured": measured, "phases": plan.phases}
 
@@ -187,7 +186,7 @@ def prompts_file(folder: Path, case: Case, tokenizer) -> str:
 
     rng = random.Random(0)
     words = "the cat sat on a mat and then it went to see the old dog near the river bank".split()
-    budget = case.length - len(common.special_prefix(tokenizer))
+    budget = case.length - len(data.special_prefix(tokenizer))
     path = folder / "prompts.jsonl"
     with path.open("w") as out:
         for _ in range(200):
@@ -209,7 +208,7 @@ def measure_ppo(case: Case, arch: Path) -> dict:
 
     import ppo
 
-    tokenizer = common.load_tokenizer(str(arch))
+    tokenizer = models.load_tokenizer(str(arch))
     config = AutoConfig.from_pretrained(arch)
     torch.manual_seed(0)
     built = {AutoModelForCausalLM: AutoModelForCausalLM.from_config(config, dtype=getattr(torch, case.dtype))}
@@ -221,9 +220,9 @@ def measure_ppo(case: Case, arch: Path) -> dict:
         reward_dir = Path(tmp) / "reward"
         reward_config.save_pretrained(reward_dir)  # ppo.validate reads it: a sequence classifier with one label
         tokenizer.save_pretrained(reward_dir)
-        data = prompts_file(Path(tmp), case, tokenizer)
-        data_args, args, model_args = common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), [
-            "--sft_model_path", str(arch), "--reward_model_path", str(reward_dir), "--dataset_name", data,
+        prompts = prompts_file(Path(tmp), case, tokenizer)
+        data_args, args, model_args = arguments.parse_args((data.DataArguments, ppo.PPOArguments, ppo.ModelConfig), [
+            "--sft_model_path", str(arch), "--reward_model_path", str(reward_dir), "--dataset_name", prompts,
             "--output_dir", str(Path(tmp) / "ppo"), "--max_prompt_length", str(case.length),
             "--response_length", str(case.response), "--per_device_train_batch_size", str(case.batch),
             "--gradient_accumulation_steps", str(case.accumulation), "--num_mini_batches", "1",
@@ -232,11 +231,11 @@ def measure_ppo(case: Case, arch: Path) -> dict:
             "--dtype", case.dtype, "--use_peft", str(case.use_peft), "--lora_r", "16", "--lora_alpha", "32",
             "--lora_dropout", "0", "--lora_target_modules", *TARGETS, "--temperature", "1.0", "--sample_every", "0",
             "--stop_token", "eos", "--use_cpu", "true"])
-        ppo.common.load_model = lambda model_args, auto_class, path=None, flag="", **kwargs: built[auto_class]
+        models.load_model = lambda model_args, auto_class, path=None, flag="", **kwargs: built[auto_class]
         static = tensor_bytes(*built.values())
         history = []
         measured = static + profiled_peak(lambda: history.extend(ppo.main(data_args, args, model_args)))
-        setup = memory_plan.setup_from_args("ppo", args, model_args, memory_plan.Launch())
+        setup = memory_plan.setup_from_args("ppo", args, model_args, memory.Launch())
         plan = memory_plan.make_plan(replace(setup, device="cpu"))
     lengths = [round(m["response_length_avg"], 1) for m in history]
     return {"predicted": plan.allocated, "measured": measured, "phases": plan.phases, "response_lengths": lengths}
@@ -254,7 +253,7 @@ def main(argv=None):
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one case in this process
     parser.add_argument("--arch_dir", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
-    common.setup_logging(False)
+    runs.setup_logging(False)
     if options.one is not None:
         print("RESULT " + json.dumps(measure(CASES[options.one], Path(options.arch_dir))))
         return
@@ -279,7 +278,7 @@ def main(argv=None):
             print(f"case {index}: {json.dumps(value)}", flush=True)
     print(f"\nmemory_plan against torch's allocations on the CPU ({Path(options.arch).stem} architecture, random "
           "weights, plain python):")
-    common.print_table(rows)
+    runs.print_table(rows)
     print(f"largest error {max(errors):.1%}, mean absolute error {sum(errors) / len(errors):.1%}")
 
 

@@ -8,7 +8,7 @@
     python bench/ppo_step.py --config recipes/demo/ppo.yaml --sft_model_path out/demo/sft \
         --reward_model_path out/demo/reward --compare_estimators gae,rloo,grpo --num_generations 4
 
-It runs ppo.py's own loop (ppo.main) for --bench_steps iterations into a temporary output_dir, then prints the
+It runs ppo.py itself (a subprocess) for --bench_steps iterations into a temporary output_dir, then prints the
 per-iteration split from metrics.jsonl; the first iteration is reported apart (warm-up). --actor_config /
 --reward_config build random-weight models from an architecture config (e.g. OPT-1.3b), saved as temporary
 checkpoints in --dtype, with the demo tokenizer: no hub access, the speed and memory of the real architecture.
@@ -27,9 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common  # noqa: E402
-import ppo  # noqa: E402
-from trl import ModelConfig  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from simple_rlhf import models  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -51,7 +53,7 @@ def build_random(config_file: str, kind: str, target: Path, dtype: str) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = common.load_tokenizer(common.resolve_model_path(common.BUILTIN_MODEL))
+    tokenizer = models.load_tokenizer(models.resolve_model_path(models.BUILTIN_MODEL))
     config_dict = json.loads(Path(config_file).read_text())
     config = AutoConfig.for_model(**config_dict)
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -67,27 +69,43 @@ def build_random(config_file: str, kind: str, target: Path, dtype: str) -> str:
     return str(target)
 
 
-def main():
-    bench_args, data_args, args, model_args = common.parse_args(
-        (BenchArguments, common.DataArguments, ppo.PPOArguments, ModelConfig))
+def flag_value(argv: list[str], flag: str, default: str | None = None) -> str | None:
+    """The last value given to `flag` in argv (ppo.py's parser keeps the last one too)."""
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == flag]
+    return values[-1] if values else default
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    bench_args, ppo_argv = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True)
     if bench_args.compare_estimators:
-        return compare_estimators(bench_args.compare_estimators.split(","), sys.argv[1:])
-    common.setup_logging()
+        return compare_estimators(bench_args.compare_estimators.split(","), argv)
+    if "--total_episodes" in ppo_argv:
+        raise SystemExit("error: --total_episodes: the bench runs --bench_steps iterations; leave it out")
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
-        dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+        dtype = flag_value(ppo_argv, "--dtype", "float32")
+        dtype = "float32" if dtype in (None, "auto") else dtype
+        extra = []
         if bench_args.actor_config:
-            args.sft_model_path = build_random(bench_args.actor_config, "actor", Path(tmp) / "actor", dtype)
+            extra += ["--sft_model_path", build_random(bench_args.actor_config, "actor", Path(tmp) / "actor", dtype)]
         if bench_args.reward_config:
-            args.reward_model_path = build_random(bench_args.reward_config, "reward", Path(tmp) / "reward", dtype)
-        args.output_dir = str(Path(tmp) / "ppo")
-        args.max_steps, args.total_episodes = bench_args.bench_steps, None
-        args.save_steps, args.sample_every, args.resume_from_checkpoint = 10**9, 0, None
-        history = ppo.main(data_args, args, model_args)
+            extra += ["--reward_model_path",
+                      build_random(bench_args.reward_config, "reward", Path(tmp) / "reward", dtype)]
+        output_dir = Path(tmp) / "ppo"
+        # Flags after the user's win: a fresh run of exactly --bench_steps iterations, no checkpoints or samples.
+        command = [sys.executable, str(ROOT / "ppo.py"), *ppo_argv, *extra, "--output_dir", str(output_dir),
+                   "--max_steps", str(bench_args.bench_steps), "--save_steps", str(10**9), "--sample_every", "0",
+                   "--resume_from_checkpoint", "false", "--overwrite_output_dir", "false"]
+        finished = subprocess.run(command)
+        if finished.returncode != 0:
+            sys.exit(finished.returncode)
+        history = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     if not history:
         return
     if bench_args.json_out:
         Path(bench_args.json_out).write_text(json.dumps(history))
-    report(history, args)
+    report(history)
 
 
 def compare_estimators(estimators: list[str], argv: list[str]) -> None:
@@ -114,11 +132,11 @@ def compare_estimators(estimators: list[str], argv: list[str]) -> None:
               f"{peak:>8.2f} GiB")
 
 
-def report(history, args):
+def report(history):
     keys = ("time/generation_s", "time/scoring_s", "time/update_s")
     rows = [history[0]] + ([] if len(history) == 1 else [None])
-    print(f"\nPPO bench: {len(history)} iterations, rollout batch {args.local_rollout_batch_size} per process, "
-          f"response_length {args.response_length}")
+    global_batch = history[0]["episode"] // history[0]["step"]
+    print(f"\nPPO bench: {len(history)} iterations, rollout batch {global_batch} over all processes")
     print(f"{'':>22} {'generation':>11} {'scoring':>9} {'update':>9} {'total':>9} {'tokens/s':>9}")
 
     def line(name, ms):

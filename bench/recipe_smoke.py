@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
+from simple_rlhf import data, errors, models, runs  # noqa: E402
 
 # The recipe's model names -> the architecture configs they stand for.
 ARCHITECTURES = {"facebook/opt-1.3b": "opt-1.3b", "facebook/opt-350m": "opt-350m", "facebook/opt-125m": "opt-125m"}
@@ -59,7 +59,7 @@ def random_model(name: str, cache: Path) -> str:
 
     arch = ARCHITECTURES.get(name)
     if arch is None:
-        raise common.UserError(f"{name}: no architecture config for it in ../shared/model-configs")
+        raise errors.UserError(f"{name}: no architecture config for it in ../shared/model-configs")
     path = cache / f"{arch}-random-bf16"
     if (path / "config.json").exists():
         return str(path)
@@ -135,7 +135,7 @@ def check_outputs(step: str, output: Path, config: dict, log: Path) -> list[str]
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="opt-1.3b", help="recipes/PRESET/{sft,reward,ppo}.yaml")
-    parser.add_argument("--steps", nargs="+", default=list(common.STEPS), choices=common.STEPS,
+    parser.add_argument("--steps", nargs="+", default=list(data.STEPS), choices=data.STEPS,
                         help="steps to run; a later step needs the earlier ones' outputs in --work_dir")
     parser.add_argument("--work_dir", default=None, help="keep the outputs, logs and times here; a step finished "
                         "there is not run again, so the steps can run one call at a time (default: a temporary "
@@ -144,38 +144,38 @@ def main(argv=None):
     for needed in ("model-configs", "tokenizers/gpt2", "data/hh-rlhf-static/train.jsonl"):
         if not (SHARED / needed).exists():
             raise SystemExit(f"error: {SHARED / needed} is absent; this benchmark needs ../shared")
-    cache = common.cache_dir() / "random-models"
+    cache = models.cache_dir() / "random-models"
     cache.mkdir(parents=True, exist_ok=True)
 
     with tempfile.TemporaryDirectory(prefix="recipe-smoke-") as tmp:
         work = Path(options.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        data = write_data(work)
-        out = {step: work / step for step in common.STEPS}
-        configs = {step: recipe(options.preset, step) for step in common.STEPS}
+        data_path = write_data(work)
+        out = {step: work / step for step in data.STEPS}
+        configs = {step: recipe(options.preset, step) for step in data.STEPS}
         times_file = work / "seconds.json"
         times = json.loads(times_file.read_text()) if times_file.exists() else {}
-        for step in common.STEPS:
+        for step in data.STEPS:
             if step in times or step not in options.steps:
                 continue
             if step == "ppo":
                 if not {"sft", "reward"} <= set(times):
                     raise SystemExit(f"error: ppo needs the sft and reward outputs in {work}; run those steps first")
                 # train.py's wiring: the SFT output's merged model is the policy, the reward output the reward model
-                models = ["--sft_model_path", str(out["sft"] / "merged"), "--reward_model_path", str(out["reward"])]
+                model_flags = ["--sft_model_path", str(out["sft"] / "merged"), "--reward_model_path", str(out["reward"])]
             else:
-                models = ["--model_name_or_path", random_model(configs[step]["model_name_or_path"], cache)]
-            args = [*models, "--dataset_name", data, "--output_dir", str(out[step]), *SHRINK[step]]
+                model_flags = ["--model_name_or_path", random_model(configs[step]["model_name_or_path"], cache)]
+            args = [*model_flags, "--dataset_name", data_path, "--output_dir", str(out[step]), *SHRINK[step]]
             seconds = run_step(step, options.preset, args, work / f"{step}.log")
             problems = check_outputs(step, out[step], configs[step], work / f"{step}.log")
             if problems:
                 raise SystemExit(f"error: {step}: " + "; ".join(problems))
             times[step] = seconds
-            common.write_json(times_file, times)
+            runs.write_json(times_file, times)
         print(f"\nrecipes/{options.preset} on the CPU, real architectures with random weights (wall time of each "
               "accelerate launch, loading and saving included):")
-        common.print_table([["step", "seconds", "overrides"]] +
-                           [[s, f"{times[s]:.0f}", " ".join(SHRINK[s])] for s in common.STEPS if s in times])
+        runs.print_table([["step", "seconds", "overrides"]] +
+                           [[s, f"{times[s]:.0f}", " ".join(SHRINK[s])] for s in data.STEPS if s in times])
 
 
 if __name__ == "__main__":

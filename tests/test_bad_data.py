@@ -5,8 +5,9 @@ import logging
 
 import pytest
 
-import common
-from common import DataArguments, UserError
+from simple_rlhf import arguments, data, models, synthetic
+from simple_rlhf.data import DataArguments
+from simple_rlhf.errors import UserError
 
 
 def pairs(n):
@@ -26,7 +27,7 @@ def test_pairs_whose_chosen_equals_rejected_are_dropped_and_counted(tmp_path, ca
         records[i]["rejected"] = records[i]["chosen"] + "  "  # the same answer, but for trailing space
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     with caplog.at_level(logging.WARNING, logger="simple_rlhf"):
-        train, evaluation = common.load_step_data(DataArguments(dataset_name=str(path), eval_fraction=0.1,
+        train, evaluation = data.load_step_data(DataArguments(dataset_name=str(path), eval_fraction=0.1,
                                                                 data_split="0,1,0"), "reward")
     assert len(train) + len(evaluation) == 97
     assert all(c.strip() != r.strip() for c, r in zip(list(train["chosen"]) + list(evaluation["chosen"]),
@@ -38,13 +39,13 @@ def test_data_where_most_pairs_are_identical_is_refused(tmp_path):
     records = [{**r, "rejected": r["chosen"]} for r in pairs(30)]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
     with pytest.raises(UserError, match=r"30 of 30 pairs have chosen equal to rejected \(rows 0, 1, 2, \.\.\.\)"):
-        common.load_step_data(DataArguments(dataset_name=str(path)), "reward")
+        data.load_step_data(DataArguments(dataset_name=str(path)), "reward")
 
 
 def test_identical_pairs_do_not_matter_to_sft(tmp_path):
     records = [{**r, "rejected": r["chosen"]} for r in pairs(30)]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    train, _ = common.load_step_data(DataArguments(dataset_name=str(path), data_split="1,0,0"), "sft")
+    train, _ = data.load_step_data(DataArguments(dataset_name=str(path), data_split="1,0,0"), "sft")
     assert len(train) == 29
 
 
@@ -52,7 +53,7 @@ def test_evaluating_on_the_training_split_is_refused(capsys):
     import sft
 
     with pytest.raises(SystemExit):
-        common.parse_args(sft.ARGUMENTS, ["--config", "recipes/demo/sft.yaml", "--dataset_test_split", "train"])
+        arguments.parse_args(sft.ARGUMENTS, ["--config", "recipes/demo/sft.yaml", "--dataset_test_split", "train"])
     assert "--dataset_test_split train is the training split" in capsys.readouterr().err
 
 
@@ -63,7 +64,7 @@ def test_a_malformed_json_line_is_named_by_file_and_line(tmp_path):
     lines[3] = lines[3][:-5]  # cut short
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError) as error:
-        common.load_raw_dataset(DataArguments(dataset_name=str(path)))
+        data.load_raw_dataset(DataArguments(dataset_name=str(path)))
     assert str(error.value).startswith(f"--dataset_name {path}: line 4 is not valid JSON (")
     assert str(error.value).endswith("; fix or remove that line")
 
@@ -72,7 +73,7 @@ def test_a_line_that_is_not_an_object_is_named(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(pairs(1)[0]) + "\n" + '["a list"]\n')
     with pytest.raises(UserError, match=r"line 2 is not a JSON object \(a list\)"):
-        common.load_raw_dataset(DataArguments(dataset_name=str(path)))
+        data.load_raw_dataset(DataArguments(dataset_name=str(path)))
 
 
 # ---- the right kind of model in each place ----------------------------------------------------------------------------
@@ -82,20 +83,20 @@ def reward_like_model(tmp_path_factory, script_env):
     from transformers import AutoModelForSequenceClassification
 
     path = tmp_path_factory.mktemp("classifier")
-    builtin = common.resolve_model_path(common.BUILTIN_MODEL)
+    builtin = models.resolve_model_path(models.BUILTIN_MODEL)
     AutoModelForSequenceClassification.from_pretrained(builtin, num_labels=1).save_pretrained(path)
-    common.load_tokenizer(builtin).save_pretrained(path)
+    models.load_tokenizer(builtin).save_pretrained(path)
     return path
 
 
 def test_require_causal_lm(reward_like_model, tmp_path, script_env):
-    common.require_causal_lm(common.resolve_model_path(common.BUILTIN_MODEL), "--model_path")
+    models.require_causal_lm(models.resolve_model_path(models.BUILTIN_MODEL), "--model_path")
     with pytest.raises(UserError, match=r"--sft_model_path .*: not a causal language model \(architectures "
                                         r"\['OPTForSequenceClassification'\]\)"):
-        common.require_causal_lm(str(reward_like_model), "--sft_model_path")
+        models.require_causal_lm(str(reward_like_model), "--sft_model_path")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS", "base_model_name_or_path": "x"}))
     with pytest.raises(UserError, match="a SEQ_CLS adapter, not a causal language model"):
-        common.require_causal_lm(str(tmp_path), "--policies rm")
+        models.require_causal_lm(str(tmp_path), "--policies rm")
 
 
 def test_evaluate_refuses_a_classifier_as_policy(reward_like_model, tmp_path, capsys):
@@ -103,7 +104,7 @@ def test_evaluate_refuses_a_classifier_as_policy(reward_like_model, tmp_path, ca
 
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(evaluate.EvalArguments(policies=[f"rm={reward_like_model}"], output_dir=str(tmp_path / "out")),
-                      DataArguments(dataset_name=common.BUILTIN_DATASET))
+                      DataArguments(dataset_name=synthetic.BUILTIN_DATASET))
     assert exit_info.value.code == 2
     assert "--policies rm" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
@@ -123,6 +124,6 @@ def test_sft_refuses_a_classifier_as_its_start(reward_like_model, tmp_path, caps
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit):
-        sft.main(*common.parse_args(sft.ARGUMENTS, ["--config", "recipes/demo/sft.yaml", "--model_name_or_path",
+        sft.main(*arguments.parse_args(sft.ARGUMENTS, ["--config", "recipes/demo/sft.yaml", "--model_name_or_path",
                                                     str(reward_like_model), "--output_dir", str(out)]))
     assert "not a causal language model" in capsys.readouterr().err and not out.exists()

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-import common
+from simple_rlhf import data, models, synthetic
 
 SPIDER = "\n\nHuman: Hi there!\n\nAssistant: Hello!\n\nHuman: How many legs does a spider have?\n\nAssistant:"
 CAPITAL = "\n\nHuman: What is the capital of Japan?\n\nAssistant:"
@@ -28,33 +28,33 @@ SUM = "\n\nHuman: What is 3 plus 4?\n\nAssistant:"
     (SUM, " The answer is 34. Happy to help.", False, True),
 ])
 def test_checker_on_hand_made_answers(prompt, answer, correct, polite):
-    assert common.check_synthetic_answer(prompt, answer) == {"correct": correct, "polite": polite,
+    assert synthetic.check_synthetic_answer(prompt, answer) == {"correct": correct, "polite": polite,
                                                              "both": correct and polite}
 
 
 def test_checker_knows_every_question_the_generator_asks_and_nothing_else():
-    assert common.synthetic_answer_key("What is 3 plus 4?") == ("7", None)
-    assert common.synthetic_answer_key("What color is grass?")[0] == "green"
+    assert synthetic.synthetic_answer_key("What is 3 plus 4?") == ("7", None)
+    assert synthetic.synthetic_answer_key("What color is grass?")[0] == "green"
     with pytest.raises(ValueError, match="not a builtin:synthetic question"):
-        common.synthetic_answer_key("What color is the moon?")
-    for row in common.synthetic_preference_rows(300, seed=7):  # every prompt has a key; chosen answers are right
-        assert common.check_synthetic_answer(row["prompt"], row["chosen"])["both"]
+        synthetic.synthetic_answer_key("What color is the moon?")
+    for row in synthetic.synthetic_preference_rows(300, seed=7):  # every prompt has a key; chosen answers are right
+        assert synthetic.check_synthetic_answer(row["prompt"], row["chosen"])["both"]
 
 
 def test_templates_carry_their_manners():
-    for template in common._POLITE:
-        assert common._has_phrase(template, common._POLITE_PHRASES)
-        assert not common._has_phrase(template, common._RUDE_PHRASES)
-    for template in common._RUDE:
-        assert common._has_phrase(template, common._RUDE_PHRASES)
+    for template in synthetic._POLITE:
+        assert synthetic._has_phrase(template, synthetic._POLITE_PHRASES)
+        assert not synthetic._has_phrase(template, synthetic._RUDE_PHRASES)
+    for template in synthetic._RUDE:
+        assert synthetic._has_phrase(template, synthetic._RUDE_PHRASES)
 
 
 def test_rejected_answers_are_mostly_wrong_but_polite():
     import evaluate
 
-    rows = common.synthetic_preference_rows(3000, seed=7)
+    rows = synthetic.synthetic_preference_rows(3000, seed=7)
     flaws = Counter(evaluate.flaw_of(row) for row in rows)
-    for flaw, weight in common.SYNTHETIC_FLAWS.items():
+    for flaw, weight in synthetic.SYNTHETIC_FLAWS.items():
         assert abs(flaws[flaw] / len(rows) - weight) < 0.03, flaws
     # A wrong-only rejected answer differs from the chosen one in the answer alone (same template).
     row = next(r for r in rows if evaluate.flaw_of(r) == "wrong")
@@ -62,13 +62,13 @@ def test_rejected_answers_are_mostly_wrong_but_polite():
 
 
 def test_held_out_seed_is_one_no_training_step_reads(script_env):
-    seeds = common.SYNTHETIC_SEEDS
+    seeds = synthetic.SYNTHETIC_SEEDS
     assert len(set(seeds.values())) == len(seeds)
-    raw = common.load_raw_dataset(common.DataArguments(dataset_name=common.BUILTIN_DATASET))
-    assert raw["train"]["prompt"] == [r["prompt"] for r in common.synthetic_preference_rows(6000, seeds["train"])]
-    assert raw["test"]["prompt"] == [r["prompt"] for r in common.synthetic_preference_rows(200, seeds["test"])]
-    held_out = common.synthetic_held_out_rows(50)
-    assert held_out == common.synthetic_preference_rows(50, seeds["held_out"])
+    raw = data.load_raw_dataset(data.DataArguments(dataset_name=synthetic.BUILTIN_DATASET))
+    assert raw["train"]["prompt"] == [r["prompt"] for r in synthetic.synthetic_preference_rows(6000, seeds["train"])]
+    assert raw["test"]["prompt"] == [r["prompt"] for r in synthetic.synthetic_preference_rows(200, seeds["test"])]
+    held_out = synthetic.synthetic_held_out_rows(50)
+    assert held_out == synthetic.synthetic_preference_rows(50, seeds["held_out"])
     assert [r["prompt"] for r in held_out] != raw["train"]["prompt"][:50]
     assert [r["prompt"] for r in held_out] != raw["test"]["prompt"][:50]
 
@@ -85,13 +85,13 @@ def test_evaluate_prints_ground_truth_and_accuracy_by_flaw(script_env, tmp_path,
     import evaluate
     from transformers import AutoModelForSequenceClassification
 
-    tiny = common.resolve_model_path(common.BUILTIN_MODEL)
+    tiny = models.resolve_model_path(models.BUILTIN_MODEL)
     reward = tmp_path / "reward"  # an untrained one-label classifier on the tiny model: numbers, not quality
     AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1).save_pretrained(reward)
-    common.load_tokenizer(tiny).save_pretrained(reward)
+    models.load_tokenizer(tiny).save_pretrained(reward)
     args = evaluate.EvalArguments(reward_model_path=str(reward), policies=[f"sft={tiny}", f"base={tiny}"],
                                   max_prompts=8, response_length=6, held_out_pairs=30, output_dir=str(tmp_path))
-    evaluate.main(args, common.DataArguments(dataset_name=common.BUILTIN_DATASET, max_eval_samples=16))
+    evaluate.main(args, data.DataArguments(dataset_name=synthetic.BUILTIN_DATASET, max_eval_samples=16))
     out = capsys.readouterr().out
     assert "correct_rate" in out and "polite_rate" in out and "both_rate" in out
     assert "held-out pairs, accuracy by the rejected answer's flaw: wrong" in out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import common
+from simple_rlhf import models, runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import learning  # noqa: E402
@@ -33,7 +33,7 @@ def test_eval_command_compares_base_sft_and_ppo(tmp_path):
         {"step": "sft", "output": "S"}, {"step": "reward", "output": "R"}, {"step": "ppo", "output": "P"}]}))
     command = learning.eval_command(learning.LearningArguments(task="demo", eval_args="--temperature 0.7"), tmp_path)
     policies = command[command.index("--policies") + 1 : command.index("--max_prompts")]
-    assert policies == [f"base={common.BUILTIN_MODEL}", "sft=S", "ppo=P"]
+    assert policies == [f"base={models.BUILTIN_MODEL}", "sft=S", "ppo=P"]
     assert command[command.index("--reward_model_path") + 1] == "R" and command[-2:] == ["--temperature", "0.7"]
 
 
@@ -87,7 +87,7 @@ def test_estimators_each_get_a_ppo_run_on_the_same_models_and_join_the_evaluatio
     (tmp_path / "ppo-grpo").mkdir()  # an attempt that left no checkpoint is replaced, one with a checkpoint resumed
     assert learning.estimator_command(args, 2, tmp_path, "grpo")[-2:] == ["--overwrite_output_dir", "true"]
     (tmp_path / "ppo-grpo" / "checkpoint-2").mkdir()
-    (tmp_path / "ppo-grpo" / "checkpoint-2" / common.CHECKPOINT_COMPLETE).write_text("{}")
+    (tmp_path / "ppo-grpo" / "checkpoint-2" / runs.CHECKPOINT_COMPLETE).write_text("{}")
     assert learning.estimator_command(args, 2, tmp_path, "grpo")[-2:] == ["--resume_from_checkpoint", "true"]
 
     policies = learning.eval_command(args, tmp_path)

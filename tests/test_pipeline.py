@@ -11,13 +11,12 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, python_script, run
 
-import plots
+from simple_rlhf import data, plots
 
 QUICK = ["--sft_args", "--max_train_samples 400 --num_train_epochs 1 --max_eval_samples 64 --eval_steps 10 "
                        "--save_steps 20",
@@ -165,11 +164,10 @@ def test_evaluate_reports_sane_numbers_on_the_demo_outputs(demo_run, env, tmp_pa
 
 
 def test_evaluate_rejects_a_malformed_policy(tmp_path, capsys):
-    import common
     import evaluate
 
     with pytest.raises(SystemExit) as exit_info:  # in-process: the check runs before any model or data is loaded
-        evaluate.main(evaluate.EvalArguments(policies=["sft"], output_dir=str(tmp_path)), common.DataArguments())
+        evaluate.main(evaluate.EvalArguments(policies=["sft"], output_dir=str(tmp_path)), data.DataArguments())
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: --policies sft: write each policy as name=path, e.g. sft=out/demo/sft\n"
     assert not (tmp_path / "eval_results.json").exists()

@@ -19,9 +19,8 @@ import torch
 
 from conftest import ROOT, accelerate_script, python_script, run
 
-import common
+from simple_rlhf import actor_critic, algorithms, arguments, data, models, rollout, runs, synthetic, update
 import ppo
-import rollout
 
 # Small enough that a run of a few iterations takes seconds on two CPU cores.
 TINY = ["--dataset_name", "builtin:synthetic", "--max_prompt_length", "64", "--response_length", "8",
@@ -94,7 +93,7 @@ def test_demo_recipe_raises_the_score_and_the_outputs_load_back(env, demo_models
     assert (out / "ppo_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the step charts its curves
 
     actor = AutoPeftModelForCausalLM.from_pretrained(out)
-    tokenizer = common.load_tokenizer(str(out), "left")
+    tokenizer = models.load_tokenizer(str(out), "left")
     prompt = tokenizer("\n\nHuman: What color is the sky?\n\nAssistant:", return_tensors="pt")
     generated = actor.generate(**prompt, max_new_tokens=10, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
@@ -120,12 +119,12 @@ def test_first_iteration_invariants_with_lora(env, demo_models):
                             per_device_train_batch_size=4)
     model_args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
     paths = ppo.validate(args, model_args)
-    tokenizer = common.load_tokenizer(sft, "left")
-    model, reference, reward = ppo.build_models(args, model_args, tokenizer, tokenizer, paths)
+    tokenizer = models.load_tokenizer(sft, "left")
+    model, reference, reward = actor_critic.build_models(args, model_args, tokenizer, tokenizer, paths)
     assert reference is None and reward is None  # two weight copies: actor/reference and critic/reward
     assert model.critic.get_base_model().model is model.critic.base_model.model.model
 
-    prompts = [row["prompt"] for row in common.synthetic_preference_rows(4, seed=5)]
+    prompts = [row["prompt"] for row in synthetic.synthetic_preference_rows(4, seed=5)]
     queries, query_mask = rollout.left_pad([tokenizer(p)["input_ids"][-40:] for p in prompts],
                                        tokenizer.pad_token_id, "cpu")
     assert (query_mask == 0).any()  # the batch really is left-padded
@@ -146,7 +145,7 @@ def test_first_iteration_invariants_with_lora(env, demo_models):
     scored = score()
     mask = response_mask.bool()
 
-    kl = ppo.kl_per_token(scored["logprobs"], scored["ref_logprobs"])[mask]
+    kl = algorithms.kl_per_token(scored["logprobs"], scored["ref_logprobs"])[mask]
     assert kl.abs().max() < 1e-4
 
     generated_logprobs = torch.stack([torch.log_softmax(step.float() / 0.7, -1) for step in out.logits], 1)
@@ -211,7 +210,7 @@ def test_sigterm_finishes_the_step_writes_a_resumable_checkpoint_and_exits_0(env
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
-    newest = common.newest_complete_checkpoint(out)
+    newest = runs.newest_complete_checkpoint(out)
     assert newest is not None and "resume with --resume_from_checkpoint" in stdout
     step = int(newest.split("-")[-1])
     assert step == len(metrics(out)) >= 1
@@ -239,7 +238,7 @@ def test_deepspeed_zero2_cpu_offload_runs_two_iterations(env, demo_models, tmp_p
     out = tmp_path / "ds"
     result = run(accelerate_script(*ppo_run(demo_models, out, "--max_steps", "2", "--save_steps", "2")[1:]), env)
     assert [m["step"] for m in metrics(out)] == [1, 2]
-    assert common.checkpoint_is_complete(out / "checkpoint-2")
+    assert runs.checkpoint_is_complete(out / "checkpoint-2")
     assert (out / "adapter_model.safetensors").exists()
     # Really DeepSpeed (use_cpu once turned the launch into plain MULTI_CPU without a word).
     assert "running as DEEPSPEED" in result.stderr and (out / "checkpoint-2" / "deepspeed").is_dir()
@@ -316,7 +315,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(env, demo_models,
     out = tmp_path / "out"
     argv = [str(a) for a in ppo_run(demo_models, out)[2:] + make_flags(sft, reward, tmp_path)]
     with pytest.raises(SystemExit) as exit_info:  # refused by parse_args (flags, paths) or by ppo.main
-        ppo.main(*common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv))
+        ppo.main(*arguments.parse_args((data.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv))
     assert exit_info.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], error_lines
@@ -339,7 +338,7 @@ def test_non_finite_score_stops_with_a_message_and_keeps_the_last_checkpoint(env
     with torch.no_grad():
         model.score.weight.fill_(float("nan"))
     model.save_pretrained(broken)
-    common.load_tokenizer(demo_models[1]).save_pretrained(broken)
+    models.load_tokenizer(demo_models[1]).save_pretrained(broken)
     out = tmp_path / "ppo"
     result = run(ppo_run(demo_models, out, "--reward_model_path", broken, "--max_steps", "3", "--save_steps", "1"),
                  env, check=False)
@@ -347,7 +346,7 @@ def test_non_finite_score_stops_with_a_message_and_keeps_the_last_checkpoint(env
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: training diverged at step 1: non-finite "), errors
     assert "objective/scores" in errors[0]
-    assert common.newest_complete_checkpoint(out) is None and not (out / "adapter_model.safetensors").exists()
+    assert runs.newest_complete_checkpoint(out) is None and not (out / "adapter_model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,15 +360,15 @@ def ppo_main(demo_models, output_dir, *extra, monkeypatch=None):
     torch.set_num_threads(1)
     built = {}
     if monkeypatch is not None:
-        build = ppo.build_models
+        build = actor_critic.build_models
 
         def spy(*args, **kwargs):
             built["model"], built["reference"], built["reward"] = result = build(*args, **kwargs)
             return result
 
-        monkeypatch.setattr(ppo, "build_models", spy)
+        monkeypatch.setattr(actor_critic, "build_models", spy)
     argv = [str(a) for a in ppo_run(demo_models, output_dir, *SHORT, *extra)[2:]]
-    history = ppo.main(*common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv))
+    history = ppo.main(*arguments.parse_args((data.DataArguments, ppo.PPOArguments, ppo.ModelConfig), argv))
     return history, built
 
 
@@ -443,10 +442,10 @@ def test_reward_model_with_another_tokenizer_scores_the_decoded_text(env, demo_m
 
     sft, _ = demo_models
     reward_dir = tmp_path / "other-reward"
-    reward_tokenizer = common.load_tokenizer(sft)
+    reward_tokenizer = models.load_tokenizer(sft)
     assert reward_tokenizer.add_tokens(["Human:", "Assistant:"]) == 2
     text = "\n\nHuman: hi\n\nAssistant: hello"
-    assert reward_tokenizer(text)["input_ids"] != common.load_tokenizer(sft)(text)["input_ids"]
+    assert reward_tokenizer(text)["input_ids"] != models.load_tokenizer(sft)(text)["input_ids"]
     torch.manual_seed(0)
     config = OPTConfig(vocab_size=len(reward_tokenizer), hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=1,
                        ffn_dim=64, num_attention_heads=2, num_labels=1, pad_token_id=reward_tokenizer.pad_token_id,
@@ -463,7 +462,7 @@ def test_reward_model_with_another_tokenizer_scores_the_decoded_text(env, demo_m
     assert [m["step"] for m in history] == [1, 2] and len(rollouts) == 2
     assert capfd.readouterr().err.count("the reward model has its own tokenizer") == 1
 
-    tokenizer = common.load_tokenizer(sft)
+    tokenizer = models.load_tokenizer(sft)
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
     for sample, scored in rollouts:
         for i in range(len(sample)):
@@ -490,14 +489,14 @@ def test_ema_weights_follow_the_formula_and_ema_and_ptx_state_survive_resume(env
     from peft import AutoPeftModelForCausalLM
 
     initial = {}
-    build = ppo.build_models
+    build = actor_critic.build_models
 
     def spy(*args, **kwargs):
         result = build(*args, **kwargs)
-        initial.update(ppo.trainable_state(result[0].actor))
+        initial.update(actor_critic.trainable_state(result[0].actor))
         return result
 
-    monkeypatch.setattr(ppo, "build_models", spy)
+    monkeypatch.setattr(actor_critic, "build_models", spy)
     out = tmp_path / "ema"
     decay = 0.6
     flags = ["--ema_decay", str(decay), "--ptx_coef", "0.2", "--ptx_batch_size", "2", "--save_steps", "1",
@@ -538,14 +537,14 @@ def test_ptx_adds_ptx_coef_times_the_lm_gradient_to_the_actor_gradient(env, demo
     args = ppo.PPOArguments(sft_model_path=sft, reward_model_path=reward_path, response_length=6, temperature=0.7)
     model_args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
     paths = ppo.validate(args, model_args)
-    tokenizer = common.load_tokenizer(sft, "left")
-    model = ppo.build_models(args, model_args, tokenizer, tokenizer, paths)[0]
+    tokenizer = models.load_tokenizer(sft, "left")
+    model = actor_critic.build_models(args, model_args, tokenizer, tokenizer, paths)[0]
     with torch.no_grad():  # a non-zero LoRA B, so that the actor's LoRA A gets gradients too
         for name, param in model.actor.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
 
-    rows = common.synthetic_preference_rows(6, seed=11)
+    rows = synthetic.synthetic_preference_rows(6, seed=11)
     queries, query_mask = rollout.left_pad([tokenizer(r["prompt"])["input_ids"][-20:] for r in rows[:3]],
                                        tokenizer.pad_token_id, "cpu")
     generator = torch.Generator().manual_seed(0)
@@ -565,12 +564,12 @@ def test_ptx_adds_ptx_coef_times_the_lm_gradient_to_the_actor_gradient(env, demo
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
-    ppo_grads = gradients(ppo.micro_batch_loss(model, batch, args, context)[0])
-    lm_grads = gradients(ppo.lm_loss(rollout.policy_logits(model.actor, *ptx), *ptx))
+    ppo_grads = gradients(update.micro_batch_loss(model, batch, args, context)[0])
+    lm_grads = gradients(algorithms.lm_loss(rollout.policy_logits(model.actor, *ptx), *ptx))
     coef = 0.7
-    total, stats = ppo.micro_batch_loss(model, batch, replace(args, ptx_coef=coef), context, ptx)
+    total, stats = update.micro_batch_loss(model, batch, replace(args, ptx_coef=coef), context, ptx)
     total_grads = gradients(total)
-    assert stats["ptx_loss"].item() == pytest.approx(ppo.lm_loss(rollout.policy_logits(model.actor, *ptx), *ptx).item())
+    assert stats["ptx_loss"].item() == pytest.approx(algorithms.lm_loss(rollout.policy_logits(model.actor, *ptx), *ptx).item())
     actor = [n for n in total_grads if n.startswith("actor.")]
     assert actor and all(lm_grads[n].abs().max() > 1e-6 for n in actor)  # the LM loss does reach every LoRA tensor
     for name in actor:
@@ -604,11 +603,11 @@ def test_one_pass_update_skips_the_critics_scoring_pass_and_trains_the_same(env,
         return score_rollout(sample, actor, reference, critic, *args, **kwargs)
 
     monkeypatch.setattr(rollout, "score_rollout", spy)
-    assert ppo.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1))  # SHORT's settings
+    assert update.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1))  # SHORT's settings
     one_pass, _ = ppo_main(demo_models, tmp_path / "one", "--save_steps", "100")
     assert len(critics) == 2 and all(critic is None for critic in critics)
     critics.clear()
-    monkeypatch.setattr(ppo, "one_pass_update", lambda args: False)
+    monkeypatch.setattr(update, "one_pass_update", lambda args: False)
     two_pass, _ = ppo_main(demo_models, tmp_path / "two", "--save_steps", "100")
     assert len(critics) == 2 and all(critic is not None for critic in critics)
     for one, two in zip(one_pass, two_pass, strict=True):
@@ -617,9 +616,9 @@ def test_one_pass_update_skips_the_critics_scoring_pass_and_trains_the_same(env,
     for part in ("adapter_model.safetensors", "critic/adapter_model.safetensors"):
         a, b = load_file(tmp_path / "one" / part), load_file(tmp_path / "two" / part)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
-    assert not ppo.one_pass_update(ppo.PPOArguments(num_ppo_epochs=2))
-    assert not ppo.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1, num_mini_batches=2))
-    assert not ppo.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1, advantage_estimator="rloo"))
+    assert not update.one_pass_update(ppo.PPOArguments(num_ppo_epochs=2))
+    assert not update.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1, num_mini_batches=2))
+    assert not update.one_pass_update(ppo.PPOArguments(num_ppo_epochs=1, advantage_estimator="rloo"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -627,7 +626,7 @@ def test_one_pass_update_skips_the_critics_scoring_pass_and_trains_the_same(env,
 # ---------------------------------------------------------------------------------------------------------------
 def old_run(folder):
     """What an earlier ppo.py run leaves: a complete checkpoint, metrics and a final adapter."""
-    common.mark_checkpoint_complete(folder / "checkpoint-5", step=5, run_id="earlier", saved_at=1.0)
+    runs.mark_checkpoint_complete(folder / "checkpoint-5", step=5, run_id="earlier", saved_at=1.0)
     (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "objective/scores": 1.0}) + "\n"
                                                   for s in range(1, 6)))
     (folder / "adapter_config.json").write_text("{}")
@@ -667,7 +666,7 @@ def test_a_run_that_blows_up_exits_3_naming_the_metric_and_the_last_good_checkpo
         assert exit_info.value.code == 3 and len(errors) == 1, errors
         assert re.match(r"error: training diverged at step 2: (non-finite )?weights/actor_rms", errors[0]), errors[0]
         assert errors[0].endswith(f"the last good checkpoint is {out / 'checkpoint-1'} and was left untouched")
-        assert common.newest_complete_checkpoint(out) == str(out / "checkpoint-1")
+        assert runs.newest_complete_checkpoint(out) == str(out / "checkpoint-1")
         assert not (out / "checkpoint-2").exists() and not (out / "adapter_model.safetensors").exists()
         assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
 
@@ -687,14 +686,15 @@ def test_resume_keeps_the_kl_coef_given_and_reports_the_score_from_the_first_ste
 
 SPY_ROLLOUTS = """
 import os, sys, torch
-import common, ppo, rollout
+import ppo
+from simple_rlhf import arguments, data, rollout
 generate = rollout.generate_rollout
 def spy(*args, **kwargs):
     sample = generate(*args, **kwargs)
     torch.save(sample.responses, os.path.join(sys.argv[1], f"responses-{os.environ['RANK']}.pt"))
     return sample
 rollout.generate_rollout = spy
-ppo.main(*common.parse_args((common.DataArguments, ppo.PPOArguments, ppo.ModelConfig), sys.argv[2:]))
+ppo.main(*arguments.parse_args((data.DataArguments, ppo.PPOArguments, ppo.ModelConfig), sys.argv[2:]))
 """
 
 
@@ -731,19 +731,19 @@ def test_a_reward_lora_trained_on_an_sft_adapter_loads_back_on_that_sft_policy(e
     from trl import ModelConfig
 
     torch.manual_seed(0)
-    base = common.resolve_model_path(common.BUILTIN_MODEL)
+    base = models.resolve_model_path(models.BUILTIN_MODEL)
     sft = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, param in sft.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
     sft.save_pretrained(tmp_path / "sft")
-    trained = common.load_model(ModelConfig(), AutoModelForSequenceClassification, str(tmp_path / "sft"),
+    trained = models.load_model(ModelConfig(), AutoModelForSequenceClassification, str(tmp_path / "sft"),
                                 num_labels=1)  # as reward.py loads it
     trained = get_peft_model(trained, LoraConfig(r=4, task_type="SEQ_CLS")).eval()
     trained.save_pretrained(tmp_path / "reward")
     ids = torch.tensor([[5, 17, 42, 9, 2]])
-    reloaded = common.load_model(ModelConfig(), AutoModelForSequenceClassification, str(tmp_path / "reward"),
+    reloaded = models.load_model(ModelConfig(), AutoModelForSequenceClassification, str(tmp_path / "reward"),
                                  num_labels=1).eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ppo
-import rollout
+from simple_rlhf import actor_critic, algorithms, checkpoints, errors, health, models, rollout, runs, update
 
 
 def test_masked_mean_var_whiten_ignore_masked_entries():
@@ -15,34 +15,34 @@ def test_masked_mean_var_whiten_ignore_masked_entries():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 1]]).float()
     kept = [1.0, 2.0, 3.0, 4.0, 5.0, 7.0]
     mean = sum(kept) / 6
-    assert ppo.masked_mean(values, mask).item() == pytest.approx(mean)
+    assert algorithms.masked_mean(values, mask).item() == pytest.approx(mean)
     variance = sum((v - mean) ** 2 for v in kept) / 5  # unbiased
-    assert ppo.masked_var(values, mask).item() == pytest.approx(variance)
-    whitened = ppo.masked_whiten(values, mask)
-    assert ppo.masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-6)
-    assert ppo.masked_var(whitened, mask).item() == pytest.approx(1.0, rel=1e-4)
+    assert algorithms.masked_var(values, mask).item() == pytest.approx(variance)
+    whitened = algorithms.masked_whiten(values, mask)
+    assert algorithms.masked_mean(whitened, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert algorithms.masked_var(whitened, mask).item() == pytest.approx(1.0, rel=1e-4)
     assert whitened[0, 3].item() == 0.0 and whitened[1, 2].item() == 0.0
-    kept_mean = ppo.masked_whiten(values, mask, shift_mean=False)
-    assert ppo.masked_mean(kept_mean, mask).item() == pytest.approx(mean, rel=1e-5)
+    kept_mean = algorithms.masked_whiten(values, mask, shift_mean=False)
+    assert algorithms.masked_mean(kept_mean, mask).item() == pytest.approx(mean, rel=1e-5)
 
 
 def test_kl_estimators():
     logprobs = torch.tensor([-1.0, -2.0, -0.5])
     ref = torch.tensor([-1.5, -1.0, -0.5])
-    assert torch.allclose(ppo.kl_per_token(logprobs, ref, "k1"), torch.tensor([0.5, -1.0, 0.0]))
-    k3 = ppo.kl_per_token(logprobs, ref, "k3")
+    assert torch.allclose(algorithms.kl_per_token(logprobs, ref, "k1"), torch.tensor([0.5, -1.0, 0.0]))
+    k3 = algorithms.kl_per_token(logprobs, ref, "k3")
     expected = [math.exp(r - l) - 1 - (r - l) for l, r in zip(logprobs.tolist(), ref.tolist())]
     assert torch.allclose(k3, torch.tensor(expected))
     assert (k3 >= 0).all()
     with pytest.raises(ValueError):
-        ppo.kl_per_token(logprobs, ref, "k2")
+        algorithms.kl_per_token(logprobs, ref, "k2")
 
 
 def test_gae_matches_a_plain_loop():
     torch.manual_seed(0)
     rewards, values = torch.randn(3, 7), torch.randn(3, 7)
     gamma, lam = 0.9, 0.8
-    got = ppo.compute_gae(rewards, values, gamma, lam)
+    got = algorithms.compute_gae(rewards, values, gamma, lam)
     for row in range(3):
         advantage = 0.0
         for t in reversed(range(7)):
@@ -55,8 +55,8 @@ def test_gae_matches_a_plain_loop():
 def test_gae_padding_after_the_response_contributes_nothing():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0]])
     values = torch.tensor([[0.5, 0.2, 0.1, 0.0, 0.0]])
-    full = ppo.compute_gae(rewards, values, 1.0, 0.95)
-    short = ppo.compute_gae(rewards[:, :3], values[:, :3], 1.0, 0.95)
+    full = algorithms.compute_gae(rewards, values, 1.0, 0.95)
+    short = algorithms.compute_gae(rewards[:, :3], values[:, :3], 1.0, 0.95)
     assert torch.allclose(full[:, :3], short)
 
 
@@ -65,25 +65,25 @@ def test_clipped_policy_loss_by_hand():
     new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
     advantages = torch.tensor([[1.0, -1.0]])
     mask = torch.ones(1, 2)
-    loss, clipfrac, approxkl, ratio = ppo.clipped_policy_loss(new, old, advantages, mask, 0.2)
+    loss, clipfrac, approxkl, ratio = algorithms.clipped_policy_loss(new, old, advantages, mask, 0.2)
     # token 1: max(-1*1.5, -1*1.2) = -1.2 (clipped); token 2: max(1*0.5, 1*0.8) = 0.8 (clipped)
     assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
     assert clipfrac.item() == pytest.approx(1.0)
     assert ratio.item() == pytest.approx(1.0)
     assert approxkl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 2)
     # inside the clip range nothing is clipped and the loss is -A * ratio
-    loss, clipfrac, _, _ = ppo.clipped_policy_loss(torch.log(torch.tensor([[1.1]])), torch.zeros(1, 1),
+    loss, clipfrac, _, _ = algorithms.clipped_policy_loss(torch.log(torch.tensor([[1.1]])), torch.zeros(1, 1),
                                                    torch.tensor([[2.0]]), torch.ones(1, 1), 0.2)
     assert loss.item() == pytest.approx(-2.2) and clipfrac.item() == 0.0
 
 
 def test_clipped_value_loss_by_hand():
     values, old, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 1.0]])
-    loss, clipfrac = ppo.clipped_value_loss(values, old, returns, torch.ones(1, 2), 0.2)
+    loss, clipfrac = algorithms.clipped_value_loss(values, old, returns, torch.ones(1, 2), 0.2)
     # token 1: max((1-0)^2, (0.2-0)^2) = 1; token 2: max((0-1)^2, (0-1)^2) = 1 -> 0.5 * mean = 0.5
     assert loss.item() == pytest.approx(0.5)
     assert clipfrac.item() == pytest.approx(0.0)
-    loss, clipfrac = ppo.clipped_value_loss(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.tensor([[2.0]]),
+    loss, clipfrac = algorithms.clipped_value_loss(torch.tensor([[1.0]]), torch.zeros(1, 1), torch.tensor([[2.0]]),
                                             torch.ones(1, 1), 0.2)
     assert loss.item() == pytest.approx(0.5 * 1.8**2) and clipfrac.item() == 1.0
 
@@ -113,7 +113,7 @@ def test_logprobs_use_the_temperature():
 
 
 def test_adaptive_kl_controller_moves_towards_target():
-    controller = ppo.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller = algorithms.AdaptiveKLController(0.1, target=6.0, horizon=100)
     controller.update(current_kl=12.0, n_episodes=10)  # error clipped to +0.2
     assert controller.value == pytest.approx(0.1 * 1.02)
     controller.update(current_kl=0.0, n_episodes=10)
@@ -121,7 +121,7 @@ def test_adaptive_kl_controller_moves_towards_target():
 
 
 def test_running_moments_match_all_values():
-    moments = ppo.RunningMoments()
+    moments = algorithms.RunningMoments()
     chunks = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0])]
     for chunk in chunks:
         moments.update(chunk)
@@ -139,7 +139,7 @@ def test_disable_dropout_reaches_opt_functional_dropout():
     model = OPTForCausalLM(config).train()
     ids = torch.randint(0, 50, (2, 8))
     assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is really on
-    ppo.disable_dropout(model)
+    models.disable_dropout(model)
     assert torch.equal(model(ids).logits, model(ids).logits)
 
 
@@ -155,8 +155,8 @@ def _whiten_half(rank: int, world_size: int, port: int, values, mask, results):
         return tensor
 
     half = slice(rank * 2, rank * 2 + 2)
-    results[rank] = ppo.masked_whiten(values[half], mask[half], sum_all=sum_all)
-    results[f"local{rank}"] = ppo.masked_whiten(values[half], mask[half])
+    results[rank] = algorithms.masked_whiten(values[half], mask[half], sum_all=sum_all)
+    results[f"local{rank}"] = algorithms.masked_whiten(values[half], mask[half])
     dist.destroy_process_group()
 
 
@@ -177,11 +177,11 @@ def test_whitening_across_two_processes_equals_one_process_over_the_whole_batch(
     results = mp.Manager().dict()
     # fork, not spawn: the children need not re-import torch and transformers (seconds each on a small machine)
     mp.start_processes(_whiten_half, args=(2, port, values, mask, results), nprocs=2, start_method="fork")
-    whole = ppo.masked_whiten(values, mask)
+    whole = algorithms.masked_whiten(values, mask)
     assert torch.allclose(torch.cat([results[0], results[1]]), whole, atol=1e-5)
     assert not torch.allclose(torch.cat([results["local0"], results["local1"]]), whole, atol=1e-2)
     # One process with no sum_all is unchanged, and the distributed form with an identity sum is the same math.
-    assert torch.allclose(ppo.masked_whiten(values, mask, sum_all=lambda t: t), whole, atol=1e-6)
+    assert torch.allclose(algorithms.masked_whiten(values, mask, sum_all=lambda t: t), whole, atol=1e-6)
 
 
 class _SameTokenizer:
@@ -248,13 +248,13 @@ def test_shard_of_shuffle_gives_processes_disjoint_slices_and_covers_a_pass():
 @pytest.mark.parametrize("batches", [[[2.0, 2.0, 2.0, 2.0], [2.0, 2.1, 1.9, 2.0]], [[3.0], [3.5]]])
 def test_normalised_scores_stay_finite_after_a_constant_batch_or_a_batch_of_one(batches):
     """Variance 0 after the first batch (a constant one, or a global batch of a single score) must not divide."""
-    moments = ppo.RunningMoments()
+    moments = algorithms.RunningMoments()
     for values in batches:
         values = torch.tensor(values)
         moments.update(values)
         normalised = (values - moments.mean) / moments.std
-        assert torch.isfinite(normalised).all() and normalised.abs().max() <= 0.5 / ppo.RunningMoments.STD_FLOOR
-    assert moments.std >= ppo.RunningMoments.STD_FLOOR
+        assert torch.isfinite(normalised).all() and normalised.abs().max() <= 0.5 / algorithms.RunningMoments.STD_FLOOR
+    assert moments.std >= algorithms.RunningMoments.STD_FLOOR
 
 
 SANE = {"objective/kl": 3.0, "objective/scores": 1.0, "loss/policy_avg": -0.1, "grad_norm_max": 4.0,
@@ -272,32 +272,30 @@ AT_START = {"weights/actor_rms": 0.04, "weights/critic_rms": 0.4}
     ({"weights/critic_rms": 1e7}, "weights/critic_rms 1e+07 grew over 100x"),
 ])
 def test_divergence_names_the_metric_that_blew_up(change, expected):
-    found = ppo.divergence({**SANE, **change}, max_kl=50.0, weights_at_start=AT_START)
+    found = health.divergence({**SANE, **change}, max_kl=50.0, weights_at_start=AT_START)
     assert found == expected if expected is None else found.startswith(expected), found
 
 
 def test_weights_that_are_not_finite_are_never_saved():
     model = torch.nn.Module()
     model.actor, model.critic = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
-    ppo.check_weights_finite(None, model, "checkpoint-1")
-    assert ppo.weight_metrics(None, model)["weights/critic_rms"] == pytest.approx(
+    health.check_weights_finite(None, model, "checkpoint-1")
+    assert health.weight_metrics(None, model)["weights/critic_rms"] == pytest.approx(
         model.critic.weight.detach().pow(2).sum().add(model.critic.bias.detach().pow(2).sum()).div(4).sqrt().item())
     with torch.no_grad():
         model.actor.weight[0, 0] = float("inf")
-    with pytest.raises(ppo.TrainingDiverged, match="non-finite weights/actor_rms: checkpoint-2 not written"):
-        ppo.check_weights_finite(None, model, "checkpoint-2")
+    with pytest.raises(health.TrainingDiverged, match="non-finite weights/actor_rms: checkpoint-2 not written"):
+        health.check_weights_finite(None, model, "checkpoint-2")
 
 
 def test_pruning_keeps_other_runs_checkpoints_and_the_newest_written(tmp_path):
     """save_total_limit prunes only this run's checkpoints, newest written kept: another run's checkpoint-10 (or one
     from before run ids) stays, and after a resume from an older checkpoint the one just written is kept."""
-    import common
-
     for step, run_id, saved_at in [(10, "other", 1.0), (2, "mine", 2.0), (6, "mine", 3.0), (3, "mine", 4.0)]:
-        common.mark_checkpoint_complete(tmp_path / f"checkpoint-{step}", step=step, run_id=run_id, saved_at=saved_at)
-    common.mark_checkpoint_complete(tmp_path / "checkpoint-20", step=20)  # written before run ids
-    assert ppo.checkpoints_to_prune(tmp_path, "mine", 2) == [tmp_path / "checkpoint-2"]
-    assert ppo.checkpoints_to_prune(tmp_path, "mine", 1) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-6"]
+        runs.mark_checkpoint_complete(tmp_path / f"checkpoint-{step}", step=step, run_id=run_id, saved_at=saved_at)
+    runs.mark_checkpoint_complete(tmp_path / "checkpoint-20", step=20)  # written before run ids
+    assert checkpoints.checkpoints_to_prune(tmp_path, "mine", 2) == [tmp_path / "checkpoint-2"]
+    assert checkpoints.checkpoints_to_prune(tmp_path, "mine", 1) == [tmp_path / "checkpoint-2", tmp_path / "checkpoint-6"]
 
 
 def test_rollout_log_probs_are_those_of_the_distribution_generate_sampled_from():
@@ -329,10 +327,8 @@ def test_rollout_log_probs_are_those_of_the_distribution_generate_sampled_from()
 
 @pytest.mark.parametrize("option, flag", [({"top_k": 50}, "--top_k 50"), ({"top_p": 0.9}, "--top_p 0.9")])
 def test_ppo_refuses_truncated_sampling(option, flag):
-    import common
-
     args = ppo.PPOArguments(sft_model_path="builtin:tiny-opt", reward_model_path="builtin:tiny-opt", **option)
-    with pytest.raises(common.UserError, match=f"^{flag}: PPO samples from the full distribution at --temperature"):
+    with pytest.raises(errors.UserError, match=f"^{flag}: PPO samples from the full distribution at --temperature"):
         ppo.validate(args, ppo.ModelConfig())
 
 
@@ -343,10 +339,10 @@ def test_rloo_baseline_is_the_mean_of_the_other_samples_of_the_same_prompt():
     scores = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, 3 samples each
     # prompt 1: baselines (2+6)/2, (1+6)/2, (1+2)/2; prompt 2: (0+3)/2, (0+3)/2, (0+0)/2
     expected = [1 - 4, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0]
-    assert ppo.rloo_advantages(scores, 3).tolist() == pytest.approx(expected)
-    assert ppo.rloo_advantages(torch.tensor([5.0, 2.0]), 2).tolist() == pytest.approx([3.0, -3.0])
+    assert algorithms.rloo_advantages(scores, 3).tolist() == pytest.approx(expected)
+    assert algorithms.rloo_advantages(torch.tensor([5.0, 2.0]), 2).tolist() == pytest.approx([3.0, -3.0])
     # k/(k-1) times the distance to the group mean: each prompt's advantages sum to 0
-    assert ppo.rloo_advantages(scores, 3).view(2, 3).sum(1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert algorithms.rloo_advantages(scores, 3).view(2, 3).sum(1).tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
 
 
 def test_grpo_normalises_by_the_group_or_the_batch_or_not_at_all():
@@ -354,13 +350,13 @@ def test_grpo_normalises_by_the_group_or_the_batch_or_not_at_all():
     std1, std2 = math.sqrt((4 + 1 + 9) / 2), math.sqrt((1 + 1 + 4) / 2)  # unbiased, around means 3 and 1
     centred = [-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]
     group = [c / (std1 + 1e-4) for c in centred[:3]] + [c / (std2 + 1e-4) for c in centred[3:]]
-    assert ppo.grpo_advantages(scores, 3, "group").tolist() == pytest.approx(group)
+    assert algorithms.grpo_advantages(scores, 3, "group").tolist() == pytest.approx(group)
     mean = sum(scores.tolist()) / 6
     batch_std = math.sqrt(sum((s - mean) ** 2 for s in scores.tolist()) / 5)
-    assert ppo.grpo_advantages(scores, 3, "batch").tolist() == pytest.approx([c / (batch_std + 1e-4) for c in centred])
-    assert ppo.grpo_advantages(scores, 3, "none").tolist() == pytest.approx(centred)
+    assert algorithms.grpo_advantages(scores, 3, "batch").tolist() == pytest.approx([c / (batch_std + 1e-4) for c in centred])
+    assert algorithms.grpo_advantages(scores, 3, "none").tolist() == pytest.approx(centred)
     # a prompt whose samples all scored the same teaches nothing: 0, not NaN
-    assert ppo.grpo_advantages(torch.tensor([2.0, 2.0, 1.0, 3.0]), 2).tolist() == pytest.approx(
+    assert algorithms.grpo_advantages(torch.tensor([2.0, 2.0, 1.0, 3.0]), 2).tolist() == pytest.approx(
         [0.0, 0.0, -1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4)])
 
 
@@ -379,8 +375,8 @@ class FakeAccelerator:
 def test_group_advantages_of_two_processes_are_those_of_one_process_over_the_whole_batch(estimator, extra):
     rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, -1.0, 3.0, 0.5, 0.5])  # 4 prompts x 2 samples, 2 per process
     args = ppo.PPOArguments(advantage_estimator=estimator, num_generations=2, **extra)
-    whole = ppo.group_advantages(rewards, args, FakeAccelerator(rewards))
-    halves = [ppo.group_advantages(rewards[4 * i:4 * i + 4], args, FakeAccelerator(rewards, 2, i)) for i in (0, 1)]
+    whole = update.group_advantages(rewards, args, FakeAccelerator(rewards))
+    halves = [update.group_advantages(rewards[4 * i:4 * i + 4], args, FakeAccelerator(rewards, 2, i)) for i in (0, 1)]
     assert torch.allclose(torch.cat(halves), whole)
     if extra.get("normalize_advantages"):
         assert whole.mean().item() == pytest.approx(0.0, abs=1e-6) and whole.std().item() == pytest.approx(1.0, 1e-3)
@@ -393,7 +389,7 @@ def test_critic_free_advantage_is_the_sequence_reward_with_its_kl_penalty_on_eve
     kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     scores = torch.tensor([1.0, 2.0, 0.0, 4.0])
     args = ppo.PPOArguments(advantage_estimator="rloo", num_generations=2)
-    advantages, returns = ppo.advantages_and_returns(-0.5 * kl, scores, None, mask, args, FakeAccelerator(None))
+    advantages, returns = update.advantages_and_returns(-0.5 * kl, scores, None, mask, args, FakeAccelerator(None))
     rewards = [1.0 - 0.5 * 0.6, 2.0 - 0.5 * 1.0, 0.0 - 0.5 * 1.0, 4.0]
     per_sequence = [rewards[0] - rewards[1], rewards[1] - rewards[0], rewards[2] - rewards[3], rewards[3] - rewards[2]]
     assert returns is None
@@ -413,7 +409,7 @@ def tiny_actor():
 def test_kl_in_loss_adds_kl_coef_times_the_mean_k3_kl_and_its_gradient():
     """--kl_in_loss: loss = clipped policy loss + kl_coef * masked mean of k3(new log-probs, reference's), and no
     value loss without a critic; the term's gradient reaches the actor."""
-    model = ppo.ActorCritic(tiny_actor(), None)
+    model = actor_critic.ActorCritic(tiny_actor(), None)
     generator = torch.Generator().manual_seed(1)
     queries, responses = torch.randint(3, 100, (3, 4), generator=generator), torch.randint(3, 100, (3, 5),
                                                                                           generator=generator)
@@ -425,12 +421,12 @@ def test_kl_in_loss_adds_kl_coef_times_the_mean_k3_kl_and_its_gradient():
     args = ppo.PPOArguments(advantage_estimator="rloo", num_generations=2, kl_in_loss=True)
     ppo.validate_estimator(args)
     assert args.kl_estimator == "k3"  # the default in the loss
-    with_kl, stats = ppo.micro_batch_loss(model, batch, args, 4, kl_coef=0.3)
-    without, plain_stats = ppo.micro_batch_loss(model, batch, replace(args, kl_in_loss=False), 4)
+    with_kl, stats = update.micro_batch_loss(model, batch, args, 4, kl_coef=0.3)
+    without, plain_stats = update.micro_batch_loss(model, batch, replace(args, kl_in_loss=False), 4)
     new_logprobs = rollout.response_logprobs(model.actor, rollout.Rollout(queries, torch.ones_like(queries), responses,
                                                                           mask.long(), torch.zeros(3, dtype=torch.bool)),
                                              args.temperature)
-    kl = ppo.masked_mean(ppo.kl_per_token(new_logprobs, batch["ref_logprobs"], "k3"), mask)
+    kl = algorithms.masked_mean(algorithms.kl_per_token(new_logprobs, batch["ref_logprobs"], "k3"), mask)
     assert stats["kl_loss"].item() == pytest.approx(kl.item(), rel=1e-5) and kl.item() > 0.1
     assert (with_kl - without).item() == pytest.approx(0.3 * kl.item(), rel=1e-4)
     assert "vf_loss" not in stats and "kl_loss" not in plain_stats
@@ -458,11 +454,9 @@ BAD_ESTIMATOR_FLAGS = {
 
 @pytest.mark.parametrize("case", list(BAD_ESTIMATOR_FLAGS))
 def test_ppo_refuses_estimator_flags_that_do_not_go_together(case):
-    import common
-
     option, message = BAD_ESTIMATOR_FLAGS[case]
     args = ppo.PPOArguments(sft_model_path="builtin:tiny-opt", reward_model_path="builtin:tiny-opt", **option)
-    with pytest.raises(common.UserError, match=message.replace("(", r"\(")):
+    with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
         ppo.validate(args, ppo.ModelConfig())
 
 

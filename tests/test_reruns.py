@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-import common
-from common import UserError
+from simple_rlhf import arguments, runs
+from simple_rlhf.errors import UserError
 from conftest import python_script, run
 
 QUICK_SFT = ["--config", "recipes/demo/sft.yaml", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy",
@@ -20,7 +20,7 @@ def finished_run(folder, checkpoints=(2,)):
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_text("old weights")
     for step in checkpoints:
-        common.mark_checkpoint_complete(folder / f"checkpoint-{step}", global_step=step)
+        runs.mark_checkpoint_complete(folder / f"checkpoint-{step}", global_step=step)
     return folder
 
 
@@ -32,7 +32,7 @@ def snapshot(folder):
 def test_fresh_run_into_another_runs_folder_is_refused(tmp_path):
     finished_run(tmp_path / "run")
     with pytest.raises(UserError) as error:
-        common.check_output_dir(tmp_path / "run", overwrite=False, resume=None)
+        runs.check_output_dir(tmp_path / "run", overwrite=False, resume=None)
     assert str(error.value) == (f"--output_dir {tmp_path / 'run'} already holds a run (checkpoint-2, config.json); "
                                 "pass --resume_from_checkpoint true to continue it, --overwrite_output_dir true to "
                                 "replace it (the old run is deleted once the new one has finished), or choose "
@@ -42,25 +42,25 @@ def test_fresh_run_into_another_runs_folder_is_refused(tmp_path):
 @pytest.mark.parametrize("overwrite, resume", [(True, None), (False, "true"), (False, True)])
 def test_overwrite_or_resume_is_allowed(tmp_path, overwrite, resume):
     finished_run(tmp_path / "run")
-    common.check_output_dir(tmp_path / "run", overwrite=overwrite, resume=resume)
+    runs.check_output_dir(tmp_path / "run", overwrite=overwrite, resume=resume)
 
 
 def test_empty_missing_or_unrelated_folders_are_fine(tmp_path):
-    common.check_output_dir(tmp_path / "missing", overwrite=False, resume=None)
-    common.check_output_dir(tmp_path, overwrite=False, resume=None)
+    runs.check_output_dir(tmp_path / "missing", overwrite=False, resume=None)
+    runs.check_output_dir(tmp_path, overwrite=False, resume=None)
     (tmp_path / "notes.txt").write_text("mine")
-    common.check_output_dir(tmp_path, overwrite=False, resume=None)
+    runs.check_output_dir(tmp_path, overwrite=False, resume=None)
 
 
 def test_resume_true_without_a_checkpoint_does_not_restart_over_a_finished_model(tmp_path):
     finished_run(tmp_path / "run", checkpoints=())
     with pytest.raises(UserError, match="holds no complete checkpoint to resume, but a finished model"):
-        common.check_output_dir(tmp_path / "run", overwrite=False, resume="true")
+        runs.check_output_dir(tmp_path / "run", overwrite=False, resume="true")
 
 
 def test_overwrite_and_resume_together_is_refused(tmp_path):
     with pytest.raises(UserError, match="--overwrite_output_dir true and --resume_from_checkpoint: choose one"):
-        common.check_output_dir(tmp_path, overwrite=True, resume="true")
+        runs.check_output_dir(tmp_path, overwrite=True, resume="true")
 
 
 def test_overwrite_refuses_a_folder_that_contains_the_current_one(tmp_path, monkeypatch):
@@ -68,26 +68,26 @@ def test_overwrite_refuses_a_folder_that_contains_the_current_one(tmp_path, monk
     (tmp_path / "run" / "work").mkdir()
     monkeypatch.chdir(tmp_path / "run" / "work")
     with pytest.raises(UserError, match="contains the current folder"):
-        common.check_output_dir(tmp_path / "run", overwrite=True, resume=None)
+        runs.check_output_dir(tmp_path / "run", overwrite=True, resume=None)
 
 
 def test_previous_run_is_set_aside_and_dropped_only_after_success(tmp_path):
     run_dir = finished_run(tmp_path / "run")
     old = snapshot(run_dir)
-    aside = common.set_previous_run_aside(run_dir)
+    aside = runs.set_previous_run_aside(run_dir)
     assert aside == tmp_path / "run.previous-run" and snapshot(aside) == old
     assert run_dir.is_dir() and not any(run_dir.iterdir())
     (run_dir / "checkpoint-1").mkdir()  # the new run, interrupted
     # Overwriting again: the last finished run stays aside, the interrupted attempt is discarded.
-    common.set_previous_run_aside(run_dir)
+    runs.set_previous_run_aside(run_dir)
     assert snapshot(aside) == old and not any(run_dir.iterdir())
-    common.drop_previous_run(run_dir)
+    runs.drop_previous_run(run_dir)
     assert not aside.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_a_folder_without_a_run_is_not_moved(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    assert common.set_previous_run_aside(tmp_path) is None and (tmp_path / "notes.txt").exists()
+    assert runs.set_previous_run_aside(tmp_path) is None and (tmp_path / "notes.txt").exists()
 
 
 # ---- sft.py end to end ------------------------------------------------------------------------------------------------
@@ -109,9 +109,9 @@ def test_sft_refuses_an_old_runs_folder_then_overwrites_it_on_request(script_env
 def finished_pipeline(root):
     for name in ("sft", "reward"):
         finished_run(root / name)
-        common.write_json(root / name / "step_complete.json", {"step": name, "duration_s": 1.0, "metrics": {},
+        runs.write_json(root / name / "step_complete.json", {"step": name, "duration_s": 1.0, "metrics": {},
                                                                "output": str(root / name)})
-    common.write_json(root / "summary.json", {"steps": []})
+    runs.write_json(root / "summary.json", {"steps": []})
     return {name: snapshot(root / name) for name in ("sft", "reward")}, (root / "summary.json").read_text()
 
 
@@ -149,14 +149,14 @@ def test_an_interrupted_swap_is_completed(tmp_path):
     finished_run(tmp_path / "sft.old")
     finished_run(new)
     (new / "step_complete.json").write_text("{}")
-    common.finish_interrupted_swap(target, ready=lambda folder: (folder / "step_complete.json").exists())
+    runs.finish_interrupted_swap(target, ready=lambda folder: (folder / "step_complete.json").exists())
     assert (target / "step_complete.json").exists() and not new.exists() and not (tmp_path / "sft.old").exists()
 
 
 def test_an_interrupted_swap_without_a_ready_replacement_is_undone(tmp_path):
     target = tmp_path / "sft"
     old = snapshot(finished_run(tmp_path / "sft.old"))
-    common.finish_interrupted_swap(target, ready=lambda folder: (folder / "step_complete.json").exists())
+    runs.finish_interrupted_swap(target, ready=lambda folder: (folder / "step_complete.json").exists())
     assert snapshot(target) == old and not (tmp_path / "sft.old").exists()
 
 
@@ -175,7 +175,7 @@ def test_steps_launch_in_fp32_on_a_cpu_without_native_bf16(monkeypatch, tmp_path
     import train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(common, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(arguments, "cpu_has_fast_bf16", lambda: fast_bf16)
     args = train.TrainArguments(preset="demo", accelerate_config=config)
     command = train.step_command(args, "sft", tmp_path, {"sft": step_args, "reward": [], "ppo": []}, resume=False)
     launch = command[:command.index(str(train.ROOT / "sft.py"))]

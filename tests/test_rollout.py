@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import rollout
+from simple_rlhf import errors, rollout
 
 TEMPERATURE = 0.7
 
@@ -125,7 +125,5 @@ def test_static_cache_generates_what_the_dynamic_cache_does(backend):
 
 
 def test_unknown_generation_backend_is_a_user_error():
-    import common
-
-    with pytest.raises(common.UserError, match="--generation_backend fast"):
+    with pytest.raises(errors.UserError, match="--generation_backend fast"):
         config(backend="fast")

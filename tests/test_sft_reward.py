@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from simple_rlhf import arguments, data, models, runs, synthetic
 from conftest import accelerate_script, python_script, run
 
 DEMO_SFT = ["--config", "recipes/demo/sft.yaml"]
@@ -18,7 +18,7 @@ QUICK = ["--max_steps", "6", "--eval_strategy", "no", "--save_strategy", "no", "
 
 
 def eval_history(output_dir, key):
-    state = json.loads((Path(common.newest_complete_checkpoint(output_dir)) / "trainer_state.json").read_text())
+    state = json.loads((Path(runs.newest_complete_checkpoint(output_dir)) / "trainer_state.json").read_text())
     return [entry[key] for entry in state["log_history"] if key in entry]
 
 
@@ -62,8 +62,8 @@ def test_sft_output_loads_back_and_generates_the_demo_answers(sft_full):
     answer = model.generate(**prompt, max_new_tokens=12, do_sample=False)[0, prompt["input_ids"].shape[1]:]
     text = tokenizer.decode(answer)
     assert text.endswith(tokenizer.eos_token), "learned to stop"
-    assert any(polite.split("{a}")[-1].strip() in text for polite in common._POLITE), text
-    assert common.checkpoint_is_complete(next(out.glob("checkpoint-*")))
+    assert any(polite.split("{a}")[-1].strip() in text for polite in synthetic._POLITE), text
+    assert runs.checkpoint_is_complete(next(out.glob("checkpoint-*")))
     assert not (out / ".saving").exists()
 
 
@@ -80,12 +80,12 @@ def test_reward_from_sft_output_ranks_chosen_above_rejected(reward_from_sft):
     assert "Reward model done: eval accuracy" in result.stdout and "eval_margin" in result.stdout
 
     model, tokenizer = AutoModelForSequenceClassification.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    rows = common.synthetic_preference_rows(128, seed=99)
+    rows = synthetic.synthetic_preference_rows(128, seed=99)
     def score(texts):
         batch = tokenizer([t + tokenizer.eos_token for t in texts], return_tensors="pt", padding=True)
         with torch.no_grad():
             return model(**batch).logits[:, 0]
-    rude = [r for r in rows if not common.check_synthetic_answer(r["prompt"], r["rejected"])["polite"]]
+    rude = [r for r in rows if not synthetic.check_synthetic_answer(r["prompt"], r["rejected"])["polite"]]
     chosen = score([r["prompt"] + r["chosen"] for r in rude])
     rejected = score([r["prompt"] + r["rejected"] for r in rude])
     assert len(rude) > 10 and (chosen > rejected).float().mean() > 0.9  # manners: learned
@@ -120,7 +120,7 @@ def test_reward_lora_under_deepspeed_trains_and_saves_the_score_head(script_env,
     weights = load_file(tmp_path / "adapter_model.safetensors")
     assert any("score" in name for name in weights), "the score head must be saved with the adapter"
     model = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1)
-    merged = common.load_model(_model_args(str(tmp_path / "merged")), _seq_cls(), num_labels=1)
+    merged = models.load_model(_model_args(str(tmp_path / "merged")), _seq_cls(), num_labels=1)
     ids = torch.tensor([[5, 60, 70, 80, 90]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, merged(ids).logits, atol=1e-4)
@@ -187,7 +187,7 @@ def test_reward_model_whose_tokenizer_has_no_pad_token(script_env, tmp_path):
     """A GPT-2-style model and tokenizer without a pad token: EOS is used for padding, scores are finite."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = common.load_tokenizer(common.resolve_model_path(common.BUILTIN_MODEL))
+    tokenizer = models.load_tokenizer(models.resolve_model_path(models.BUILTIN_MODEL))
     tokenizer.pad_token = None
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
@@ -219,7 +219,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(script_env, tmp_p
     config = DEMO_SFT if script == "sft.py" else DEMO_REWARD
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        module.main(*common.parse_args(module.ARGUMENTS, [*config, "--output_dir", str(out), *extra]))
+        module.main(*arguments.parse_args(module.ARGUMENTS, [*config, "--output_dir", str(out), *extra]))
     assert exit_info.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and message in last_line, last_line
@@ -227,7 +227,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(script_env, tmp_p
 
 
 def test_bad_column_in_a_user_file_names_file_row_and_column(script_env, tmp_path):
-    rows = common.synthetic_preference_rows(30, seed=5)
+    rows = synthetic.synthetic_preference_rows(30, seed=5)
     rows[17]["rejected"] = ""
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -246,10 +246,10 @@ def test_sft_learns_the_answer_only_unless_told_otherwise(script_env, tmp_path, 
 
     import sft
 
-    path = common.resolve_model_path(common.BUILTIN_MODEL)
-    tokenizer = common.load_tokenizer(path)
-    rows = datasets.Dataset.from_list(common.synthetic_preference_rows(4, seed=0))
-    encoded, _ = common.tokenize_for_step(rows, tokenizer, "sft", max_length=128)
+    path = models.resolve_model_path(models.BUILTIN_MODEL)
+    tokenizer = models.load_tokenizer(path)
+    rows = datasets.Dataset.from_list(synthetic.synthetic_preference_rows(4, seed=0))
+    encoded, _ = data.tokenize_for_step(rows, tokenizer, "sft", max_length=128)
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                      completion_only_loss=completion_only_loss)
     trainer = sft.PerplexitySFTTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=args,

@@ -1,4 +1,4 @@
-"""The one validation layer (common.parse_args): every flag and config of every script is checked before anything is
+"""The one validation layer (simple_rlhf.arguments.parse_args): every flag and config of every script is checked before anything is
 written or trained; a mistake is one `error:` line and exit code 2. In-process for speed; a few subprocess runs check
 the end-to-end guarantee (exit code, one line, nothing written)."""
 
@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-import common
+from simple_rlhf import arguments, data
 from conftest import python_script, run
 
 SFT_CONFIG = ["--config", "recipes/demo/sft.yaml"]
@@ -23,13 +23,13 @@ def ppo_arguments():
     import ppo
     from trl import ModelConfig
 
-    return (common.DataArguments, ppo.PPOArguments, ModelConfig)
+    return (data.DataArguments, ppo.PPOArguments, ModelConfig)
 
 
 def error_line(capsys, dataclass_types, argv) -> str:
     """The one line that parse_args prints before exiting with code 2."""
     with pytest.raises(SystemExit) as exit_info:
-        common.parse_args(dataclass_types, argv)
+        arguments.parse_args(dataclass_types, argv)
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and lines[-1].startswith("error: "), lines
@@ -84,13 +84,13 @@ def test_a_number_option_given_a_list_in_yaml(capsys, tmp_path):
 
 
 def test_valid_arguments_pass_and_keep_their_values():
-    data_args, training_args, model_args = common.parse_args(sft_arguments(), [*SFT_CONFIG, "--lora_r", "4",
+    data_args, training_args, model_args = arguments.parse_args(sft_arguments(), [*SFT_CONFIG, "--lora_r", "4",
                                                                               "--max_steps", "-1"])
     assert model_args.lora_r == 4 and training_args.max_steps == -1 and data_args.dataset_name == "builtin:synthetic"
 
 
 def test_every_numeric_option_of_every_script_has_a_range():
-    """A new numeric flag must get a row in common.RANGES (or be listed as unchecked, with the reason there)."""
+    """A new numeric flag must get a row in simple_rlhf.arguments.RANGES (or be listed as unchecked, with the reason there)."""
     import chat
     import evaluate
     import train
@@ -103,8 +103,8 @@ def test_every_numeric_option_of_every_script_has_a_range():
             kind = str(hints.get(field.name))
             numeric = hints.get(field.name) in (int, float) or (("int" in kind or "float" in kind) and "str" not in
                                                                  kind and "list" not in kind and "dict" not in kind)
-            if numeric and common.range_of(cls.__name__, field.name) is None and \
-                    field.name not in common.UNCHECKED_NUMBERS:
+            if numeric and arguments.range_of(cls.__name__, field.name) is None and \
+                    field.name not in arguments.UNCHECKED_NUMBERS:
                 missing.append(f"{cls.__name__}.{field.name}")
     assert not missing, missing
 
@@ -184,7 +184,7 @@ def test_output_dir_not_writable_is_found_by_a_probe(capsys, tmp_path, monkeypat
 
 
 def test_output_dir_probe_leaves_nothing(tmp_path):
-    common.check_output_writable(tmp_path / "a" / "b", "--output_dir")
+    arguments.check_output_writable(tmp_path / "a" / "b", "--output_dir")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -200,10 +200,10 @@ def test_relative_path_that_does_not_exist_is_no_such_folder(capsys, flag, value
 
 
 def test_plausible_hub_id_is_left_to_the_hub():
-    assert common.looks_like_local_path("facebook/opt-350m") is False
-    assert common.looks_like_local_path("Dahoas/rm-static") is False
-    assert common.looks_like_local_path("./model") and common.looks_like_local_path("a/b/c")
-    assert common.looks_like_local_path("tests/anything")  # tests/ is a folder here
+    assert data.looks_like_local_path("facebook/opt-350m") is False
+    assert data.looks_like_local_path("Dahoas/rm-static") is False
+    assert data.looks_like_local_path("./model") and data.looks_like_local_path("a/b/c")
+    assert data.looks_like_local_path("tests/anything")  # tests/ is a folder here
 
 
 # ---- the end-to-end guarantee -------------------------------------------------------------------------------------

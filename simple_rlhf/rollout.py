@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import common
+from simple_rlhf.errors import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def sampling_config(max_new_tokens: int, temperature: float, top_k: int, top_p: 
     from transformers import GenerationConfig
 
     if backend not in GENERATION_BACKENDS:
-        raise common.UserError(f"--generation_backend {backend}: use one of {', '.join(GENERATION_BACKENDS)}")
+        raise UserError(f"--generation_backend {backend}: use one of {', '.join(GENERATION_BACKENDS)}")
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy,
                               temperature=None if greedy else temperature, top_k=None if greedy else top_k,
                               top_p=None if greedy else top_p, eos_token_id=stop_token_id, pad_token_id=pad_token_id,
@@ -298,7 +298,7 @@ def backbone_and_head(sequence_classifier):
     model = sequence_classifier.get_base_model() if isinstance(sequence_classifier, PeftModel) else sequence_classifier
     head = getattr(model, "score", None)
     if head is None:
-        raise common.UserError(f"{type(model).__name__} has no `score` head; use a model whose sequence classifier "
+        raise UserError(f"{type(model).__name__} has no `score` head; use a model whose sequence classifier "
                                "has one (OPT, Llama, Qwen, GPT-2, ...)")
     return getattr(model, model.base_model_prefix), head
 
@@ -324,7 +324,7 @@ def per_token_scores(sequence_classifier, input_ids: torch.Tensor, attention_mas
 def score_at_last_token(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """A sequence classifier's score, read at the token it read in training (reward.py: prompt + answer + EOS):
     the last one that is not its pad id. With pad != eos that is the EOS of a stopped response; with pad == eos
-    (GPT-2-like tokenizers, where common.load_tokenizer sets pad = eos) it is the last answer token before the EOS."""
+    (GPT-2-like tokenizers, where models.load_tokenizer sets pad = eos) it is the last answer token before the EOS."""
     per_token = per_token_scores(reward_model, input_ids, attention_mask)
     pad_token_id = reward_model.config.pad_token_id
     read = attention_mask if pad_token_id is None else attention_mask * (input_ids != pad_token_id)
@@ -392,16 +392,16 @@ def check_reward_model(path: str, flag: str) -> None:
     adapter_file = Path(path) / "adapter_config.json"
     if adapter_file.exists():
         if json.loads(adapter_file.read_text()).get("task_type") != "SEQ_CLS":
-            raise common.UserError(f"{flag} {path}: this adapter is not a sequence classifier (task_type is not "
+            raise UserError(f"{flag} {path}: this adapter is not a sequence classifier (task_type is not "
                                    "SEQ_CLS); give the output of reward.py")
         return
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise common.UserError(f"{flag} {path}: could not read its config ({str(error).splitlines()[0][:200]})")
+        raise UserError(f"{flag} {path}: could not read its config ({str(error).splitlines()[0][:200]})")
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-        raise common.UserError(f"{flag} {path}: not a sequence classifier with one label (architectures "
+        raise UserError(f"{flag} {path}: not a sequence classifier with one label (architectures "
                                f"{architectures}, num_labels {config.num_labels}); give the output of reward.py")
 
 
