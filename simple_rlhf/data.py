@@ -226,7 +226,10 @@ def split_indices(n: int, data_split: str, step: str, seed: int) -> list[int]:
 
 
 def load_step_data(data_args: DataArguments, step: str):
-    """The (train, eval) rows for `step`: validated, its share of the training rows, eval from test or held out."""
+    """The (train, eval) rows for `step`: validated, its share of the training rows, eval from test or held out.
+    dpo (dpo.py, the one-step alternative to reward + PPO) trains on the reward step's pairs: the same rows."""
+    if step == "dpo":
+        return load_step_data(data_args, "reward")
     raw = load_raw_dataset(data_args)
     if data_args.dataset_train_split not in raw:
         raise UserError(f"--dataset_name {data_args.dataset_name}: no split {data_args.dataset_train_split!r} "
@@ -299,6 +302,7 @@ def tokenize_for_step(dataset, tokenizer, step: str, max_length: int, max_prompt
 
     sft: input_ids = prompt + chosen + EOS, completion_mask marks the answer.
     reward: chosen_ids / rejected_ids = prompt + answer + EOS, the same cut prompt for both.
+    dpo: prompt_ids (cut as for reward), chosen_ids / rejected_ids = answer + EOS.
     ppo: input_ids = the prompt alone, at most `max_prompt_length` tokens.
     A row is dropped only when its answer alone cannot fit. Logs how many rows were cut and dropped.
     """
@@ -309,7 +313,7 @@ def tokenize_for_step(dataset, tokenizer, step: str, max_length: int, max_prompt
         if step == "ppo":
             ids, cut = truncate_prompt(tokenizer, row["prompt"], max_prompt_length - len(prefix))
             return {"input_ids": prefix + ids, "truncated": cut, "dropped": not ids}
-        answers = [row["chosen"]] + ([row["rejected"]] if step == "reward" else [])
+        answers = [row["chosen"]] + ([row["rejected"]] if step in ("reward", "dpo") else [])
         answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + eos for a in answers]
         budget = max_length - len(prefix) - max(len(a) for a in answer_ids)
         if max_prompt_length is not None:
@@ -321,6 +325,9 @@ def tokenize_for_step(dataset, tokenizer, step: str, max_length: int, max_prompt
         if step == "sft":
             return {"input_ids": prompt_ids + answer_ids[0],
                     "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids[0]),
+                    "truncated": cut, "dropped": dropped}
+        if step == "dpo":  # TRL's DPOTrainer takes the prompt and the two answers apart
+            return {"prompt_ids": prompt_ids, "chosen_ids": answer_ids[0], "rejected_ids": answer_ids[1],
                     "truncated": cut, "dropped": dropped}
         return {"chosen_ids": prompt_ids + answer_ids[0], "rejected_ids": prompt_ids + answer_ids[1],
                 "truncated": cut, "dropped": dropped}

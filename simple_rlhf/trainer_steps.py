@@ -22,7 +22,7 @@ def prepare_trainer_step(step: str, data_args: data.DataArguments, training_args
     models.check_model_flags(model_args)
     runs.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     path = models.resolve_model_path(model_args.model_name_or_path)
-    if step == "sft":
+    if step in ("sft", "dpo"):
         models.require_causal_lm(path, "--model_name_or_path")
     # One line: the predicted peak GPU memory, a warning when it exceeds the visible GPU.
     memory_plan.log_estimate(step, training_args, model_args)
