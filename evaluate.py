@@ -9,7 +9,8 @@
 - `--policies name=path ...`: each policy answers the held-out prompts (sampled, the same seed for all); reported:
   the reward model's mean score, the win rate against the reference policy (`--reference`, default sft: the
   fraction of prompts where the reward model scores this policy's answer higher, ties counting half), the KL to the
-  reference (per answer, estimated from the log-probs of the sampled tokens as ppo.py does), mean length and EOS rate;
+  reference (per answer, estimated from the log-probs of the sampled tokens as ppo.py does; not with --top_k or
+  --top_p, whose truncated samples would give the KL of neither the policy nor the sampler), mean length and EOS rate;
 - `--dataset_name builtin:synthetic`: ground truth, checked by code from the generator's tables: the policies answer
   held-out questions (a seed no training step reads) and each policy's share of answers that are correct, polite,
   and both is reported; the reward model's accuracy is also given per flaw of the rejected answer (rude, wrong,
@@ -222,7 +223,7 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
                    "eos_rate": sample.has_stop.float().mean().item()}
         if data_args.dataset_name == synthetic.BUILTIN_DATASET:
             numbers.update(ground_truth_rates(prompts, decode_answers(answers)))
-        if reference is not None and rollout.same_tokenizer(tokenizer, reference[1]):
+        if reference is not None and rollout.same_tokenizer(tokenizer, reference[1]) and not truncated(args):
             # k1 estimate of KL(policy || reference) per answer: E[log p(answer) - log q(answer)] over samples.
             numbers["kl_to_reference"] = (answers["logprobs"] - sequence_logprobs(reference[0], sample,
                                                                                   args)).mean().item()
@@ -241,6 +242,12 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
             results[name][f"win_rate_vs_{args.reference}"] = ((scores > ref_scores).float().mean()
                                                               + 0.5 * (scores == ref_scores).float().mean()).item()
     return results, {"prompts": prompts, **rollouts}
+
+
+def truncated(args: EvalArguments) -> bool:
+    """Whether the answers are sampled from a truncated distribution (--top_k, --top_p): then the log-probs of the
+    full one, and a KL estimated from them, are those of neither the sampler nor the policy; no KL is reported."""
+    return args.top_k != 0 or args.top_p < 1.0
 
 
 def show_answers(answers: dict, count: int) -> None:
@@ -303,6 +310,10 @@ def main(args: EvalArguments, data_args: data.DataArguments) -> dict:
     if args.reward_model_path:
         rollout.check_reward_model(models.resolve_model_path(args.reward_model_path, "--reward_model_path"),
                                "--reward_model_path")
+    if policies and truncated(args):
+        runs.logger.warning(f"--top_k {args.top_k} --top_p {args.top_p}: the answers are sampled from the truncated "
+                            "distribution, so scores and win rates are those of truncated sampling and no KL to the "
+                            "reference is reported; leave --top_k 0 --top_p 1.0 for the policies' own KL")
 
     results = {"dataset": data_args.dataset_name}
     if args.sft_model_path:
@@ -319,7 +330,7 @@ def main(args: EvalArguments, data_args: data.DataArguments) -> dict:
         results["policies"], answers = evaluate_policies(policies, reward, args, data_args)
         results["policy_settings"] = {"prompts": len(answers["prompts"]), "reference": args.reference,
                                       "response_length": args.response_length, "temperature": args.temperature,
-                                      "seed": args.seed}
+                                      "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
         if args.show:
             show_answers(answers, args.show)
     print_table(results)

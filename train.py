@@ -7,12 +7,14 @@
 
 Each step runs `accelerate launch --config_file ACCELERATE_CONFIG <step>.py --config recipes/PRESET/<step>.yaml`
 with its output folder OUTPUT_DIR/<step> and the previous steps' outputs wired in; the per-step extra arguments come
-last, so they override anything. A step that finished writes OUTPUT_DIR/<step>/step_complete.json (its metrics and
-duration) and is skipped on re-run (unless --force); a step that was interrupted resumes from its newest complete
-checkpoint. A finished step that runs again is built beside the old one, in OUTPUT_DIR/<step>.new, and swapped in only
-once it finished: a mistake never costs the finished outputs. Every chosen step's arguments are validated before the
-first step starts. Logs: OUTPUT_DIR/logs/<step>.log, also streamed here with the step's name. Charts: OUTPUT_DIR/plots/.
-At the end a summary table, also in OUTPUT_DIR/summary.json.
+last, so they override anything. A step that finished writes OUTPUT_DIR/<step>/step_complete.json (its metrics,
+duration and options) and is skipped on re-run, unless --force or its options changed (then it and the chosen steps
+after it run again); a step that was interrupted resumes from its newest complete checkpoint. A finished step that
+runs again is built beside the old one, in OUTPUT_DIR/<step>.new, and swapped in only once it finished: a mistake
+never costs the finished outputs. Every chosen step's arguments are validated before the first step starts. The
+steps run from the folder train.py was started in, so that relative paths in --ppo_args etc. are the user's. Logs:
+OUTPUT_DIR/logs/<step>.log, also streamed here with the step's name. Charts: OUTPUT_DIR/plots/. At the end a summary
+table, also in OUTPUT_DIR/summary.json.
 """
 
 from __future__ import annotations
@@ -170,18 +172,63 @@ def step_arguments(name: str) -> tuple:
     return importlib.import_module(name).ARGUMENTS
 
 
-def validate_steps(args: TrainArguments, root: Path, extra: dict[str, list[str]]) -> None:
+def validate_steps(args: TrainArguments, root: Path, extra: dict[str, list[str]]) -> dict[str, dict]:
     """Before any step runs: every chosen step's full arguments (recipe, wiring, extras) pass the steps' validation
-    layer, so that a typo in --ppo_args fails now, not after hours of SFT. Paths are not checked here: the earlier
-    steps have not made them yet."""
+    layer, so that a typo in --ppo_args fails now, not after hours of SFT, and the models and data they name exist
+    (relative to the folder train.py was started from, where the steps run), except the earlier steps' outputs,
+    which are not made yet. Returns each chosen step's settings (see step_settings)."""
+    settings = {}
     for number in sorted(set(args.steps)):
         name = STEP_NAMES[number]
         command = step_command(args, name, root, extra, resume=False)
         argv = command[command.index(str(ROOT / SCRIPTS[name])) + 1:]
+        wired = [flag for _, flag in step_inputs(args, name, extra)]
         try:
-            arguments.validate_args(step_arguments(name), argv, check_paths=False)
+            parsed = arguments.validate_args(step_arguments(name), argv, check_paths=False)
+            for part in parsed:
+                arguments.check_locations(part, skip=wired)
         except errors.UserError as error:
             raise errors.UserError(f"step {number} ({name}): {error}")
+        settings[name] = step_settings(argv, parsed, wired)
+    return settings
+
+
+# Not settings of what a step computes: where it writes, whether it resumes or replaces.
+NOT_SETTINGS = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir")
+
+
+def step_settings(argv: list[str], parsed: tuple, wired: list[str]) -> dict:
+    """What a step was run with, recorded in its step_complete.json: `values`, every parsed option (recipe and
+    extras applied), and `given`, the options that the recipe or the command line set. Options set by neither take
+    their defaults, which may depend on the machine (use_cpu, bf16 on a CPU): they are not compared. The earlier
+    steps' outputs (wired) are not compared either: a step re-run makes the later ones run again anyway."""
+    import dataclasses
+
+    import yaml
+
+    skip = set(NOT_SETTINGS) | {flag[2:] for flag in wired}
+    values = {field.name: json.loads(json.dumps(getattr(part, field.name), default=str))
+              for part in parsed for field in dataclasses.fields(part) if field.name not in skip}
+    given = {arg[2:].split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    if "--config" in argv:
+        given |= set(yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {})
+    return {"given": sorted(given & set(values)), "values": values}
+
+
+def changed_settings(done: dict, settings: dict) -> list[str]:
+    """`--name old -> new` for each option, set by the recipe or the command line then or now, whose value differs
+    from the one the finished step recorded. A marker without settings (written before they were recorded) matches."""
+    old = done.get("settings")
+    if not old:
+        return []
+
+    def show(value) -> str:
+        text = value if isinstance(value, str) else json.dumps(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = sorted(set(old["given"]) | set(settings["given"]))
+    return [f"--{key} {show(old['values'].get(key))} -> {show(settings['values'].get(key))}" for key in keys
+            if old["values"].get(key) != settings["values"].get(key)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +243,7 @@ def run_step(name: str, command: list[str], log_path: Path) -> tuple[int, list[s
     with log_path.open("a") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, errors="replace", bufsize=1)
         terminated = []
 
@@ -289,10 +336,12 @@ def make_parser():
 @errors.exit_on_user_error
 def main(args: TrainArguments) -> list[dict]:
     extra = validate(args)
-    root = Path(args.output_dir or f"out/{args.preset}").resolve()  # the steps run from the project root
+    # The steps run from the user's folder, where their relative paths (in --ppo_args, ...) were written.
+    root = Path(args.output_dir or f"out/{args.preset}").resolve()
     arguments.check_output_writable(root, "--output_dir")
     check_inputs(args, root, extra)
-    validate_steps(args, root, extra)
+    runs.lock_output_dir(root)  # a second train.py into the same folder would delete this one's <step>.new
+    settings = validate_steps(args, root, extra)
     fp32 = [STEP_NAMES[n] for n in sorted(set(args.steps)) if fp32_on_this_cpu(args, extra[STEP_NAMES[n]])]
     if fp32:
         print(f"no GPU, and this CPU has no native bf16: {', '.join(fp32)} run in fp32 (accelerate --mixed_precision "
@@ -303,13 +352,18 @@ def main(args: TrainArguments) -> list[dict]:
         folder = root / name
         runs.finish_interrupted_swap(folder, ready=is_finished)
         done_file = folder / DONE_FILE
-        again = args.force or rerun_from is not None
+        changed = changed_settings(json.loads(done_file.read_text()), settings[name]) if done_file.exists() else []
+        again = args.force or rerun_from is not None or bool(changed)
         if done_file.exists() and rerun_from is not None:
             # Its inputs were just made again: what it finished before was trained on the old ones.
             print(f"[{name}] running again from scratch: step {rerun_from} before it was re-run", flush=True)
+        elif changed and not args.force:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            print(f"[{name}] running again: its arguments changed since it finished ({shown})", flush=True)
         if done_file.exists() and not again:
             done = json.loads(done_file.read_text())
             print(f"[{name}] skipped: finished before ({done_file}); --force runs it again", flush=True)
+            done.pop("settings", None)  # in the step's marker; the summary stays readable
             summary.append({**done, "status": "skipped", "plot": collect_plot(name, folder, root / "plots")})
             continue
         # Run again, the step is built beside the old folder and swapped in once it finished. An earlier attempt
@@ -341,7 +395,8 @@ def main(args: TrainArguments) -> list[dict]:
         record = {"step": name, "duration_s": round(duration, 1), "metrics": step_metrics(name, target),
                   "output": str(folder / final_output(target).relative_to(target)), "command": command,
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        runs.write_json(target / DONE_FILE, record)  # written last: its presence means the step finished
+        # written last: its presence means the step finished; its settings tell a later run whether to redo it
+        runs.write_json(target / DONE_FILE, {**record, "settings": settings[name]})
         if target != folder:
             runs.swap_in(target, folder)
         summary.append({**record, "status": "ran", "plot": collect_plot(name, folder, root / "plots")})

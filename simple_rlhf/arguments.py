@@ -98,7 +98,8 @@ def check_config_file(argv: list[str], known: set[str]) -> None:
     import yaml
 
     index = argv.index("--config")
-    if index + 1 >= len(argv):
+    # `--config` last, or followed by a flag: also the --use_cpu / --bf16 that validate_args appends
+    if index + 1 >= len(argv) or argv[index + 1].startswith("--"):
         raise UserError("--config needs a YAML file, e.g. --config recipes/demo/sft.yaml")
     path = Path(argv[index + 1])
     if not path.is_file():
@@ -260,14 +261,17 @@ MODEL_FIELDS = ("model_name_or_path", "sft_model_path", "reward_model_path", "cr
 DATASET_FIELDS = ("dataset_name", "ptx_dataset_name")
 
 
-def check_locations(args) -> None:
-    """Model and data locations named by a parsed dataclass exist (local paths) or may be hub ids; nothing loaded."""
+def check_locations(args, skip=()) -> None:
+    """Model and data locations named by a parsed dataclass exist (local paths) or may be hub ids; nothing loaded.
+    `skip`: flags not to check (train.py: the outputs of steps that have not run yet)."""
     for name in MODEL_FIELDS:
         value = getattr(args, name, None)
-        if value and value != models.BUILTIN_MODEL:
+        if value and value != models.BUILTIN_MODEL and f"--{name}" not in skip:
             models.check_model_location(value, f"--{name}")
     for name in DATASET_FIELDS:
         value = getattr(args, name, None)
+        if f"--{name}" in skip:
+            continue
         if value and value != synthetic.BUILTIN_DATASET:
             data.check_dataset_location(value, f"--{name}")
 

@@ -114,22 +114,40 @@ def load_raw_dataset(data_args: DataArguments):
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             loaded = datasets.load_from_disk(str(path))
             return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-        files = {}
-        for split in (data_args.dataset_train_split, data_args.dataset_test_split):
-            matches = sorted(p for p in path.iterdir() if p.stem == split and p.suffix in DATA_EXTENSIONS)
-            if matches:
-                files[split] = matches[0]
+        files = split_files(data_args)
         if data_args.dataset_train_split not in files:
             raise UserError(f"--dataset_name {name}: the folder has no {data_args.dataset_train_split}.jsonl, "
                             f".json or .parquet file; add one or point at the file itself")
         builders = {DATA_EXTENSIONS[p.suffix] for p in files.values()}
         if len(builders) > 1:
             raise UserError(f"--dataset_name {name}: train and test files are of different types; use one")
-        return _load_files(builders.pop(), {k: str(v) for k, v in files.items()}, name)
+        # Each file on its own: loaded together, `datasets` casts the test file to the train file's columns, and a
+        # test file with other column names fails as unreadable or gets columns of None.
+        builder = builders.pop()
+        return datasets.DatasetDict({split: _load_files(builder, {split: str(file)}, str(file))[split]
+                                     for split, file in files.items()})
     try:
         return datasets.load_dataset(name, data_args.dataset_config)
     except Exception as error:  # offline, a typo, a private repo: all say the same to the user
         raise UserError(f"--dataset_name {name}: could not load it from the hub ({describe(error)}); check the id, or pre-download it (see README, Offline)")
+
+
+def split_files(data_args: DataArguments) -> dict[str, Path]:
+    """A local folder's files of the train and test splits (train.jsonl, test.parquet, ...), by split name."""
+    path, files = Path(data_args.dataset_name).expanduser(), {}
+    for split in (data_args.dataset_train_split, data_args.dataset_test_split):
+        matches = sorted(p for p in path.iterdir() if p.stem == split and p.suffix in DATA_EXTENSIONS)
+        if matches:
+            files[split] = matches[0]
+    return files
+
+
+def split_source(data_args: DataArguments, split: str) -> str:
+    """How a split is named in messages: its file, for a folder of files (`data/test.jsonl [test]`)."""
+    name = data_args.dataset_name
+    folder = looks_like_local_path(name) and Path(name).expanduser().is_dir()
+    file = split_files(data_args).get(split) if folder else None
+    return f"{file or name} [{split}]"
 
 
 def _load_files(builder: str, files: dict, name: str):
@@ -186,10 +204,13 @@ def drop_identical_pairs(dataset, source: str):
 
 
 def validate_rows(dataset, columns: tuple[str, ...], source: str) -> None:
-    """Every needed column exists and holds a non-empty string in every row; else name the first bad row."""
-    missing = [c for c in columns if c not in dataset.column_names]
+    """Every needed column exists and holds a non-empty string in every row; else name the first bad row. A column
+    that is empty (None) in every row is missing from the file (`datasets` adds it when another file has it)."""
+    missing = [c for c in columns
+               if c not in dataset.column_names or (len(dataset) and all(v is None for v in dataset[c]))]
     if missing:
-        raise UserError(f"{source}: missing column(s) {', '.join(missing)} (it has {', '.join(dataset.column_names)}); "
+        present = [c for c in dataset.column_names if c not in missing]
+        raise UserError(f"{source}: missing column(s) {', '.join(missing)} (it has {', '.join(present) or 'none'}); "
                         f"the data needs {', '.join(columns)} in rm-static schema")
     if len(dataset) == 0:
         raise UserError(f"{source}: no rows")
@@ -198,6 +219,26 @@ def validate_rows(dataset, columns: tuple[str, ...], source: str) -> None:
             if not isinstance(value, str) or not value.strip():
                 what = "empty" if isinstance(value, str) else f"not a string ({type(value).__name__})"
                 raise UserError(f"{source}: row {row}, column {column!r} is {what}; fix or remove that row")
+
+
+WARNED: set[str] = set()  # warnings given once per process (ppo.py loads its data more than once)
+
+
+def check_test_rows_unseen(train, evaluation, columns: tuple[str, ...], train_source: str, test_source: str) -> None:
+    """Test rows that are also training rows (the same text in every column the step reads) make the evaluation
+    read better than the model is: a test split that is all training rows is refused, as naming the training split
+    twice is; some are counted in a warning."""
+    seen = set(zip(*(train[c] for c in columns)))
+    repeated = sum(row in seen for row in zip(*(evaluation[c] for c in columns)))
+    if repeated == len(evaluation):
+        raise UserError(f"{test_source}: all {repeated} rows are also in the training split {train_source} (same "
+                        f"{', '.join(columns)}): evaluation would score rows the model trained on; give a test split of "
+                        "other rows, or --dataset_test_split none to hold out --eval_fraction of the training rows")
+    message = (f"{test_source}: {repeated} of {len(evaluation)} rows are also in the training split {train_source} "
+               f"(same {', '.join(columns)}): the evaluation scores them as unseen; remove them from the test split")
+    if repeated and message not in WARNED:
+        WARNED.add(message)
+        logger.warning(message)
 
 
 def parse_data_split(data_split: str) -> list[float]:
@@ -240,14 +281,18 @@ def load_step_data(data_args: DataArguments, step: str):
         # SFT imitates the demonstration: `response` where the data has one (rm-static's equals `chosen`; the
         # built-in synthetic data's carries mistakes), else `chosen`.
         columns = ("prompt", "response")
-    validate_rows(train, columns, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
+    train_source = split_source(data_args, data_args.dataset_train_split)
+    validate_rows(train, columns, train_source)
     if step == "reward":
-        train = drop_identical_pairs(train, f"{data_args.dataset_name} [{data_args.dataset_train_split}]")
+        train = drop_identical_pairs(train, train_source)
     if data_args.dataset_test_split in raw:
         evaluation = raw[data_args.dataset_test_split]
-        validate_rows(evaluation, columns, f"{data_args.dataset_name} [{data_args.dataset_test_split}]")
+        test_source = split_source(data_args, data_args.dataset_test_split)
+        validate_rows(evaluation, columns, test_source)
+        if data_args.dataset_name != synthetic.BUILTIN_DATASET:  # its few templated questions repeat by design
+            check_test_rows_unseen(train, evaluation, columns, train_source, test_source)
         if step == "reward":
-            evaluation = drop_identical_pairs(evaluation, f"{data_args.dataset_name} [{data_args.dataset_test_split}]")
+            evaluation = drop_identical_pairs(evaluation, test_source)
     else:
         held_out = max(1, round(len(train) * data_args.eval_fraction))
         if held_out >= len(train):

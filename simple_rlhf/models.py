@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -126,6 +127,50 @@ def check_model_flags(model_args) -> None:
                         "adapters on top of it (QLoRA)")
     if model_args.load_in_4bit and model_args.load_in_8bit:
         raise UserError("--load_in_4bit and --load_in_8bit: choose one")
+    targets = model_args.lora_target_modules
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[\w.]+", targets):
+        # TRL turns a one-name list into a string, which PEFT reads as a pattern of the whole module name (matching
+        # no `model.layers.0.q_proj` for `q_proj`). Listed twice it stays a list, which PEFT matches on the name's
+        # end, as it does for two names or more; the list survives TRL re-creating the config (dataclasses.replace).
+        model_args.lora_target_modules = [targets, targets]
+
+
+def module_names(path: str, sequence_classifier: bool = False) -> dict[str, str] | None:
+    """The module names (and class names) of the model at `path` (an adapter folder: of its base, as load_merged
+    merges it), built from its config on the meta device, without weights; None when its config cannot be read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    while adapter_base(path) is not None:
+        path = adapter_base(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            auto_class = AutoModelForSequenceClassification if sequence_classifier else AutoModelForCausalLM
+            model = auto_class.from_config(config)
+    except Exception:  # the model's own loading reports it, with its message
+        return None
+    return {name: type(module).__name__ for name, module in model.named_modules()}
+
+
+def check_lora_targets(model_args, path: str, flag: str, sequence_classifier: bool = False) -> None:
+    """With --use_peft, every name of --lora_target_modules must match a module of the model at `path` (as PEFT
+    matches: the name's end for a list, the whole name for a pattern), checked before anything is trained: PEFT
+    fails with a traceback when none matches, and silently adapts fewer layers when some name is a typo."""
+    targets = model_args.lora_target_modules
+    if not model_args.use_peft or targets in (None, "all-linear") or list(targets) == ["all-linear"]:
+        return
+    names = module_names(path, sequence_classifier)
+    if names is None:
+        return
+    if isinstance(targets, str):
+        unmatched = [] if any(re.fullmatch(targets, name) for name in names) else [targets]
+    else:
+        unmatched = [t for t in dict.fromkeys(targets) if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unmatched:
+        linear = dict.fromkeys(name.split(".")[-1] for name, kind in names.items() if kind in ("Linear", "Conv1D"))
+        raise UserError(f"--lora_target_modules {' '.join(unmatched)}: no module of {flag} {path} matches (its "
+                        f"linear layers: {', '.join(list(linear)[:8])}); name some of those, or use all-linear")
 
 
 def torch_dtype(name: str | None):
@@ -151,6 +196,8 @@ def load_model(model_args, auto_class, path: str | None = None, flag: str = "--m
                    device_map=({"": PartialState().local_process_index} if quantization is not None and torch.cuda.is_available() else None), **kwargs)
     try:
         return load_merged(auto_class, path, options)
+    except DamagedWeights as error:
+        raise UserError(f"{flag} {path}: {error}")
     except (OSError, ValueError) as error:
         raise UserError(f"{flag} {path}: could not load a model ({describe(error)}); check the path "
                         "or hub id, or pre-download it (see README, Offline)")
@@ -164,15 +211,57 @@ def load_merged(auto_class, path: str, options: dict):
 
     base = adapter_base(path)
     if base is None:
-        return auto_class.from_pretrained(path, **options)
+        with damaged_weights_named(path):
+            return auto_class.from_pretrained(path, **options)
     model = load_merged(auto_class, base, options)
     # The adapter may be for another head (an SFT adapter onto a sequence classifier): load it task-free,
     # which matches on the shared backbone's module names.
     adapter_config = PeftConfig.from_pretrained(path)
     adapter_config.task_type = None
-    model = PeftModel.from_pretrained(model, path, config=adapter_config).merge_and_unload()
+    with damaged_weights_named(path):
+        model = PeftModel.from_pretrained(model, path, config=adapter_config).merge_and_unload()
     model.name_or_path = str(Path(path).expanduser().resolve())  # read by PEFT's get_peft_model
     return model
+
+
+class DamagedWeights(UserError):
+    """A weights file that cannot be read completely (cut short by a full disk, a killed copy or download)."""
+
+
+def damaged_weights_file(folder: str) -> tuple[Path, str] | None:
+    """(file, why) for the first weights file in `folder` that cannot be read completely: a safetensors file whose
+    header or data is cut short (safe_open checks both), or a torch .bin that is no complete zip archive."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    if not Path(folder).is_dir():
+        return None
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as error:
+            return file, describe(error)
+    for file in sorted(Path(folder).glob("*.bin")):
+        if not zipfile.is_zipfile(file):
+            return file, "not a complete torch archive"
+    return None
+
+
+@contextlib.contextmanager
+def damaged_weights_named(folder: str):
+    """Turn a failed load into one line naming the damaged weights file, when there is one: safetensors says only
+    `header too small` and torch `failed finding central directory`, with no file named."""
+    try:
+        yield
+    except Exception:
+        damaged = damaged_weights_file(folder)
+        if damaged is None:
+            raise
+        file, why = damaged
+        raise DamagedWeights(f"{file} is damaged ({file.stat().st_size} bytes; {why}): it was cut short or not "
+                             "written completely; copy or save that model again") from None
 
 
 def load_tokenizer(path: str, padding_side: str = "right"):

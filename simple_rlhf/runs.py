@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
 import logging
 import os
@@ -78,7 +80,77 @@ def run_contents(output_dir: str | Path) -> list[str]:
         return []
     checkpoints = sorted((p.name for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                          key=lambda name: int(name.split("-")[-1]))
-    return checkpoints + [name for name in RUN_FILES if (path / name).exists()]
+    # An empty metrics.jsonl is what a PPO run that failed before its first step leaves: no run to protect.
+    return checkpoints + [name for name in RUN_FILES if (path / name).exists()
+                          and not (name == "metrics.jsonl" and (path / name).stat().st_size == 0)]
+
+
+HELD_LOCKS: dict[Path, object] = {}  # lock file -> its open handle, locked until released or this process ends
+
+
+def lock_output_dir(output_dir: str | Path, main_process: bool | None = None):
+    """Only one run at a time may write into output_dir: two runs started into it a moment apart would both pass
+    check_output_dir (neither has written anything yet) and mix their checkpoints and metrics. Call it before
+    check_output_dir; the second run gets one line naming the first's pid.
+
+    The lock is an flock on a hidden sibling file, .NAME.lock beside the folder: not inside it, since
+    --overwrite_output_dir renames the folder and train.py swaps folders. The kernel releases it when the process
+    ends, however it ends, so a crashed run never blocks the next; the file is removed at a normal exit. Only the
+    main process of a multi-process run takes it (main_process; by default: RANK, set by torchrun, is 0 or unset).
+    Returns a function that releases it, for a run that ends while its process goes on (in-process callers, tests).
+    """
+    if main_process is None:
+        main_process = int(os.environ.get("RANK", "0")) == 0
+    path = Path(output_dir).expanduser().resolve()
+    lock = path.with_name(f".{path.name}.lock")
+    if not main_process or lock in HELD_LOCKS:
+        return lambda: None
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock, "a+")
+        except PermissionError:  # the folder is ours but its parent is not: lock inside (nothing can rename it)
+            path.mkdir(parents=True, exist_ok=True)
+            lock = path / ".lock"
+            handle = open(lock, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise UserError(f"--output_dir {output_dir} is in use by another run (pid {owner}); wait for it or "
+                            "choose another --output_dir")
+        try:  # locked, unless the file was removed meanwhile by a run that just ended: then lock the new file
+            if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    HELD_LOCKS[lock] = handle
+    return lambda: unlock(lock)
+
+
+def unlock(lock: Path) -> None:
+    """Remove a lock file this process holds, then release it (in this order: see lock_output_dir)."""
+    handle = HELD_LOCKS.pop(lock, None)
+    if handle is not None:
+        try:
+            lock.unlink()
+        except OSError:
+            pass
+        handle.close()
+
+
+@atexit.register
+def unlock_output_dirs() -> None:
+    """At exit: every lock this process still holds."""
+    for lock in list(HELD_LOCKS):
+        unlock(lock)
 
 
 def previous_run_dir(output_dir: str | Path) -> Path:

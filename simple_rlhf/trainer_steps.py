@@ -20,10 +20,12 @@ def prepare_trainer_step(step: str, data_args: data.DataArguments, training_args
     """
     runs.setup_logging(training_args.process_index == 0)
     models.check_model_flags(model_args)
+    runs.lock_output_dir(training_args.output_dir, training_args.process_index == 0)  # then no other run starts there
     runs.check_output_dir(training_args.output_dir, data_args.overwrite_output_dir, training_args.resume_from_checkpoint)
     path = models.resolve_model_path(model_args.model_name_or_path)
     if step in ("sft", "dpo"):
         models.require_causal_lm(path, "--model_name_or_path")
+    models.check_lora_targets(model_args, path, "--model_name_or_path", sequence_classifier=step == "reward")
     # One line: the predicted peak GPU memory, a warning when it exceeds the visible GPU.
     memory_plan.log_estimate(step, training_args, model_args)
     tokenizer = models.load_tokenizer(path)
