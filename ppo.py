@@ -227,6 +227,7 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
              "critic": (models.resolve_model_path(args.critic_model_path, "--critic_model_path")
                         if args.critic_model_path else None)}
     models.require_causal_lm(paths["sft"], "--sft_model_path")  # a reward model here would train silently
+    models.check_lora_targets(model_args, paths["sft"], "--sft_model_path")  # the actor's adapter, before loading
     for key, flag in (("reward", "--reward_model_path"), ("critic", "--critic_model_path")):
         if paths[key] is not None:
             rollout.check_reward_model(paths[key], flag)
@@ -420,6 +421,7 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
     from tqdm.auto import tqdm
 
     paths = validate(args, model_args)
+    cleanup.callback(runs.lock_output_dir(args.output_dir))  # before the check: no other run starts there meanwhile
     runs.check_output_dir(args.output_dir, data_args.overwrite_output_dir, args.resume_from_checkpoint)
     accelerator = make_accelerator(args)
     resume = runs.resolve_resume(args.resume_from_checkpoint, args.output_dir)
