@@ -408,11 +408,11 @@ def main(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCon
     with contextlib.ExitStack() as cleanup:
         try:
             return train(data_args, args, model_args, cleanup)
-        except health.TrainingDiverged as error:
+        except health.RunStopped as error:  # diverged (exit 3), a checkpoint or the final model not written (4)
             cleanup.close()  # first: the progress bar ends its line, so that the error has one of its own
             if PartialState().is_main_process:
                 print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(3)
+            sys.exit(error.exit_code)
 
 
 def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelConfig,
@@ -441,6 +441,7 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
     step, ptx_position = 0, 0  # ptx_position: PTX micro-batches consumed so far (the same count on every process)
     if resume:
         state = checkpoints.load_checkpoint(resume, accelerator, model, optimizer, scheduler, args, ema)
+        resume = state["resumed_from"]  # an older checkpoint when the newest is damaged
         step, ptx_position = state["step"], state.get("ptx_position", 0)
         if args.adaptive_kl:  # the controller's state; without it, --kl_coef as given now
             kl_controller.value = state["kl_coef"]

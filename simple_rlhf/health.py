@@ -83,8 +83,24 @@ class StopRequested:
         self.requested = True
 
 
-class TrainingDiverged(Exception):
+class RunStopped(Exception):
+    """The run cannot go on, through no mistake in its arguments: ppo.py prints `error: <message>` (one line, on the
+    main process) and exits with exit_code; the last complete checkpoint is kept."""
+
+    exit_code = 1
+
+
+class TrainingDiverged(RunStopped):
     """The run blew up (see divergence): one line on stderr, exit code 3, the last good checkpoint kept."""
+
+    exit_code = 3
+
+
+class WriteFailed(RunStopped):
+    """A checkpoint or the final model could not be written (the disk full, a permission, an I/O error): one line on
+    stderr, exit code 4; the half-written folder removed, the last complete checkpoint kept."""
+
+    exit_code = 4
 
 
 def peak_memory_gb() -> float:
