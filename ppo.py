@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from trl import ModelConfig
 
 from simple_rlhf.errors import UserError, exit_on_user_error
 from simple_rlhf import (actor_critic, algorithms, arguments, checkpoints, data, health, memory_plan, models, plots,
-                         rollout, runs, update)
+                         rewards, rollout, runs, update)
 
 logger = logging.getLogger("simple_rlhf.ppo")
 
@@ -54,7 +53,15 @@ class PPOArguments:
     sft_model_path: str | None = field(default=None, metadata={"help": "The step-1 output (model or adapter folder, "
                                        "hub id or builtin:tiny-opt): the actor's starting point and the reference."})
     reward_model_path: str | None = field(default=None, metadata={"help": "The step-2 output: a sequence classifier "
-                                          "with one label (model or SEQ_CLS adapter folder)."})
+                                          "with one label (model or SEQ_CLS adapter folder); `none` for reward "
+                                          "functions alone (--reward_funcs)."})
+    reward_funcs: list[str] | None = field(default=None, metadata={"help": "Reward functions beside (or instead of) "
+                                           "the reward model: module:function, path/to/file.py:function or "
+                                           "builtin:synthetic; each fn(prompts, completions, **columns) -> "
+                                           "list[float | None], as TRL's GRPOTrainer calls them."})
+    reward_weights: list[float] | None = field(default=None, metadata={"help": "One weight per reward source, the "
+                                               "reward model first (default 1 each); 0 logs a source (e.g. a ground "
+                                               "truth) without optimising it."})
     critic_model_path: str | None = field(default=None, metadata={"help": "Start the critic from this sequence "
                                           "classifier instead of the reward model (then it is a separate copy)."})
     output_dir: str = field(default="out/ppo", metadata={"help": "Where checkpoints, metrics.jsonl and the final "
@@ -178,10 +185,16 @@ def make_parser():
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Validation: every check that needs no weights, before anything is loaded or written
 # ----------------------------------------------------------------------------------------------------------------
-def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
-    """Every check that needs no model weights, before anything is loaded or written."""
+def validate(args: PPOArguments, model_args: ModelConfig) -> tuple[dict, list]:
+    """Every check that needs no model weights, before anything is loaded or written; returns the models' paths and
+    the loaded reward functions."""
     models.check_model_flags(model_args)
-    validate_estimator(args)
+    if str(args.reward_model_path).lower() == "none":  # overrides a recipe's reward model: reward functions alone
+        args.reward_model_path = None
+    reward_functions = [rewards.load_reward_function(spec) for spec in args.reward_funcs or []]
+    args.reward_weights = rewards.check_weights(args.reward_weights, rewards.source_names(
+        args.reward_model_path is not None, reward_functions))
+    update.validate_estimator(args)
     if args.generation_backend not in rollout.GENERATION_BACKENDS:
         raise UserError(f"--generation_backend {args.generation_backend}: use one of "
                                f"{', '.join(rollout.GENERATION_BACKENDS)}")
@@ -223,7 +236,8 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
     args.ptx_batch_size = args.ptx_batch_size or args.per_device_train_batch_size
     args.ptx_max_length = args.ptx_max_length or args.max_prompt_length + args.response_length
     paths = {"sft": models.resolve_model_path(args.sft_model_path, "--sft_model_path"),
-             "reward": models.resolve_model_path(args.reward_model_path, "--reward_model_path"),
+             "reward": (models.resolve_model_path(args.reward_model_path, "--reward_model_path")
+                        if args.reward_model_path else None),
              "critic": (models.resolve_model_path(args.critic_model_path, "--critic_model_path")
                         if args.critic_model_path else None)}
     models.require_causal_lm(paths["sft"], "--sft_model_path")  # a reward model here would train silently
@@ -231,76 +245,12 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> dict:
     for key, flag in (("reward", "--reward_model_path"), ("critic", "--critic_model_path")):
         if paths[key] is not None:
             rollout.check_reward_model(paths[key], flag)
-    return paths
-
-
-def validate_estimator(args: PPOArguments) -> None:
-    """The advantage estimator and the options that go with it; fills in num_generations and kl_estimator."""
-    estimator = args.advantage_estimator
-    if estimator not in algorithms.ADVANTAGE_ESTIMATORS:
-        raise UserError(f"--advantage_estimator {estimator}: use one of {', '.join(algorithms.ADVANTAGE_ESTIMATORS)}")
-    if None not in (args.num_generations, args.num_samples_per_prompt) and \
-            args.num_generations != args.num_samples_per_prompt:
-        raise UserError(f"--num_generations {args.num_generations} and --num_samples_per_prompt "
-                               f"{args.num_samples_per_prompt}: the same option under two names; give one")
-    args.num_generations = args.num_samples_per_prompt = args.num_generations or args.num_samples_per_prompt or 1
-    if estimator != "gae" and args.num_generations < 2:
-        raise UserError(f"--advantage_estimator {estimator} needs --num_generations (alias "
-                               "--num_samples_per_prompt) of at least 2: its baseline is the other samples of "
-                               "the same prompt")
-    if args.scale_rewards not in algorithms.SCALE_REWARDS:
-        raise UserError(f"--scale_rewards {args.scale_rewards}: use one of {', '.join(algorithms.SCALE_REWARDS)}")
-    only = {"--scale_rewards": ("grpo",) if args.scale_rewards != "group" else None,
-            "--normalize_advantages": ("rloo", "grpo") if args.normalize_advantages else None,
-            "--critic_model_path": ("gae",) if args.critic_model_path else None,
-            "--whiten_rewards": ("gae",) if args.whiten_rewards else None}
-    for flag, estimators in only.items():
-        if estimators is not None and estimator not in estimators:
-            raise UserError(f"{flag} applies to --advantage_estimator {' or '.join(estimators)} only, not "
-                                   f"{estimator}")
-    if estimator != "gae" and args.critic_learning_rate is not None:  # e.g. from a GAE recipe: harmless
-        logger.warning(f"--critic_learning_rate is not used: --advantage_estimator {estimator} has no critic")
-    if args.kl_estimator is None:
-        args.kl_estimator = "k3" if args.kl_in_loss else "k1"
-    if args.kl_estimator not in ("k1", "k3"):
-        raise UserError(f"--kl_estimator {args.kl_estimator}: use k1 or k3")
-    if args.kl_in_loss and args.kl_estimator == "k1":
-        raise UserError("--kl_estimator k1 with --kl_in_loss: the gradient of k1 is 0 on average, so the "
-                               "term would not pull towards the reference; use k3 (GRPO's)")
+    return paths, reward_functions
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Setup: accelerator, tokenizer, data, models, optimizer
 # ----------------------------------------------------------------------------------------------------------------
-def make_accelerator(args: PPOArguments):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    # accelerate launch exports the DeepSpeed config's "auto" here; the PPO arguments decide, as in TRL's trainers.
-    if os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") == "auto":
-        del os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
-    # use_cpu (set automatically without a GPU) makes torchrun's processes one MULTI_CPU group, but cpu=True would
-    # also silently turn an `accelerate launch` DeepSpeed config into plain MULTI_CPU: DeepSpeed keeps its own.
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(cpu=args.use_cpu and not deepspeed_launch, mixed_precision="bf16" if args.bf16 else None,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              log_with=None if args.report_to == "none" else args.report_to.split(","),
-                              project_dir=args.output_dir)
-    runs.setup_logging(accelerator.is_main_process)
-    runs.log_distribution(accelerator)
-    set_seed(args.seed)
-    return accelerator
-
-
-def stop_token_id_of(tokenizer, stop_token: str) -> int:
-    if stop_token == "eos":
-        return tokenizer.eos_token_id
-    stop_ids = tokenizer(stop_token, add_special_tokens=False)["input_ids"]
-    if len(stop_ids) != 1:
-        raise UserError(f"--stop_token {stop_token!r} is {len(stop_ids)} tokens; give one token or eos")
-    return stop_ids[0]
-
-
 @dataclass
 class Setup:
     """What main() builds before the loop: tokenizer, data, models, optimizer, and the rollout's settings."""
@@ -312,26 +262,35 @@ class Setup:
     model: nn.Module  # the ActorCritic, wrapped by accelerate (DDP / DeepSpeed engine)
     unwrapped: actor_critic.ActorCritic
     reference: nn.Module | None  # None: the actor with its adapter off
-    reward_fn: object  # rollout.reward_function: a Rollout -> its scores
+    reward_fn: object  # rollout.reward_function: a Rollout -> the reward model's scores; None without one
+    reward_functions: list  # rewards.RewardFunction: --reward_funcs
+    reward_sources: list[str]  # names in the metrics (rewards/NAME): the reward model ("model") first
     optimizer: object
     scheduler: object
     global_batch: int  # rollouts per iteration over all processes
-    prompt_batch: object  # step -> this process's prompts (lists of ids)
+    prompt_batch: object  # step -> this process's prompts (lists of ids) and their dataset rows
     ptx_batch: object  # position -> this process's PTX sequences, or None without --ptx_coef
 
 
-def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, accelerator) -> Setup:
+def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, reward_functions: list,
+          accelerator) -> Setup:
     from transformers import get_scheduler
 
     tokenizer = models.load_tokenizer(paths["sft"], padding_side="left")
-    reward_tokenizer = models.load_tokenizer(paths["reward"], padding_side="left")
+    # Without a reward model (reward functions alone) the critic, if any, reads the policy's own tokens.
+    reward_tokenizer = models.load_tokenizer(paths["reward"], padding_side="left") if paths["reward"] else tokenizer
+    for loaded, flag in ((tokenizer, "--sft_model_path"), (reward_tokenizer, "--reward_model_path")):
+        if loaded.eos_token_id is None:  # answers end in EOS: sft.py and reward.py trained on answer + EOS
+            raise UserError(f"{flag} {loaded.name_or_path}: its tokenizer has no EOS token, which ends every answer "
+                            "in training and in sampling; set eos_token in its tokenizer_config.json")
     same_tokenizer = rollout.same_tokenizer(tokenizer, reward_tokenizer)
     if accelerator.is_main_process:
         memory_plan.log_estimate("ppo", args, model_args, same_tokenizer)
-    stop_token_id = stop_token_id_of(tokenizer, args.stop_token)
+    stop_token_id = rollout.stop_token_id(tokenizer, args.stop_token)
     with accelerator.main_process_first():
         data.check_prompts_fit(data_args, tokenizer, args.max_prompt_length)
         train, _ = data.prepare_step_data(data_args, tokenizer, "ppo", args.max_prompt_length, args.max_prompt_length)
+    rewards.check_columns(reward_functions, train.column_names, data_args.dataset_name)
     global_batch = args.local_rollout_batch_size * accelerator.num_processes
     if len(train) < global_batch // args.num_generations:
         raise UserError(f"{len(train)} PPO prompts are fewer than one rollout batch needs "
@@ -340,7 +299,9 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
                                "more data or smaller batches")
     if args.total_episodes is not None:
         args.max_steps = max(1, args.total_episodes // global_batch)
-    if not same_tokenizer and args.critic_model_path is None:
+    if paths["reward"] is None and args.advantage_estimator == "gae" and args.critic_model_path is None:
+        logger.info("no reward model: the critic starts from the SFT policy's backbone with a fresh value head")
+    elif not same_tokenizer and args.critic_model_path is None:
         logger.info("the reward model has its own tokenizer: texts are re-tokenized for scoring" +
                     (", and the critic starts from the SFT policy's backbone with a fresh value head"
                      if args.advantage_estimator == "gae" else ""))
@@ -363,13 +324,18 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
     # compare bf16 with float32 log-probs and not be 0 at the first step. Quantized weights keep their own types.
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     dtype = next(p.dtype for p in accelerator.unwrap_model(model).actor.parameters() if p.is_floating_point())
-    for frozen in (reference, reward):
-        if frozen is not None:
-            frozen.to(accelerator.device, **({} if quantized else {"dtype": dtype}))
+    if accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # Built partitioned (deepspeed.zero.Init), the frozen models need DeepSpeed to gather their shards.
+        reference, reward = (actor_critic.prepare_frozen(m, accelerator) for m in (reference, reward))
+    else:
+        for frozen in (reference, reward):
+            if frozen is not None:
+                frozen.to(accelerator.device, **({} if quantized else {"dtype": dtype}))
     unwrapped = accelerator.unwrap_model(model)
-    # reward None: the reward model is the critic with its adapter off.
-    reward_fn = rollout.reward_function(unwrapped.critic if reward is None else reward, tokenizer, reward_tokenizer,
-                                        adapter_off=reward is None)
+    # reward None: the reward model is the critic with its adapter off (or there is none: reward functions alone).
+    reward_fn = None if paths["reward"] is None else rollout.reward_function(
+        unwrapped.critic if reward is None else reward, tokenizer, reward_tokenizer, adapter_off=reward is None,
+        stop_token_id=stop_token_id)
     generation_config = rollout.sampling_config(args.response_length, args.temperature, args.top_k, args.top_p,
                                                 stop_token_id, tokenizer.pad_token_id,
                                                 backend=args.generation_backend)
@@ -380,20 +346,24 @@ def setup(data_args, args: PPOArguments, model_args: ModelConfig, paths: dict, a
     # Token ids as plain lists, read once: the loop picks rows from them every iteration. Each batch is a pure
     # function of its position, so a resumed run sees the same data.
     prompt_ids = train["input_ids"]
+    prompt_rows = train.remove_columns("input_ids").to_list()  # what reward functions read: prompt and columns
     ptx_ids = data.load_ptx_data(data_args, args, tokenizer)["input_ids"] if args.ptx_coef else None
     n, rank = accelerator.num_processes, accelerator.process_index
 
-    def prompt_batch(step: int) -> list[list[int]]:
+    def prompt_batch(step: int) -> tuple[list[list[int]], list[dict]]:
         """Each prompt num_generations times in a row: K independent samples, in consecutive rows (a group)."""
         k = args.num_generations
-        prompts = rollout.shard_of_shuffle(prompt_ids, args.local_rollout_batch_size // k, step, args.seed, n, rank)
-        return [ids for ids in prompts for _ in range(k)]
+        picked = rollout.shard_of_shuffle(range(len(prompt_ids)), args.local_rollout_batch_size // k, step,
+                                          args.seed, n, rank)
+        return [prompt_ids[i] for i in picked for _ in range(k)], [prompt_rows[i] for i in picked for _ in range(k)]
 
     def ptx_batch(position: int) -> list[list[int]]:
         return rollout.shard_of_shuffle(ptx_ids, args.ptx_batch_size, position, args.seed + 7919, n, rank)
 
     return Setup(accelerator, tokenizer, generation_config, args.temperature if exact else None, model, unwrapped,
-                 reference, reward_fn, optimizer, scheduler, global_batch, prompt_batch,
+                 reference, reward_fn, reward_functions,
+                 rewards.source_names(reward_fn is not None, reward_functions), optimizer, scheduler, global_batch,
+                 prompt_batch,
                  ptx_batch if args.ptx_coef else None)
 
 
@@ -420,12 +390,12 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    paths = validate(args, model_args)
+    paths, reward_functions = validate(args, model_args)
     cleanup.callback(runs.lock_output_dir(args.output_dir))  # before the check: no other run starts there meanwhile
     runs.check_output_dir(args.output_dir, data_args.overwrite_output_dir, args.resume_from_checkpoint)
-    accelerator = make_accelerator(args)
+    accelerator = runs.make_accelerator(args)
     resume = runs.resolve_resume(args.resume_from_checkpoint, args.output_dir)
-    run = setup(data_args, args, model_args, paths, accelerator)
+    run = setup(data_args, args, model_args, paths, reward_functions, accelerator)
     # Every process built the same models from --seed; from here each samples from its own stream (TRL's
     # local_seed), else N processes would draw the same random numbers. Process 0 keeps the single-process stream.
     if accelerator.process_index > 0:
@@ -466,28 +436,34 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
     while step < args.max_steps:
         started = time.perf_counter()
         # --- 1. rollout: the current policy answers this step's prompts ------------------------------------------
-        queries, query_mask = rollout.left_pad(run.prompt_batch(step), run.tokenizer.pad_token_id, device)
+        prompts, rows = run.prompt_batch(step)
+        queries, query_mask = rollout.left_pad(prompts, run.tokenizer.pad_token_id, device)
         unwrapped.eval()
         with actor_critic.gathered_for_generation(model, accelerator, args.gather_for_generation):
             sample = rollout.generate_rollout(unwrapped.actor, queries, query_mask, run.generation_config,
                                               args.generation_batch_size, run.logprobs_temperature)
         generated = time.perf_counter()
 
-        # --- 2. score: log-probs under actor and reference, the critic's values (if any), the reward model's scores
+        # --- 2. score: log-probs under actor and reference, the critic's values (if any), and the reward: the
+        #        weighted sum of its sources, the reward model's score and the reward functions' (weight 0: logged)
         scored = rollout.score_rollout(sample, unwrapped.actor, run.reference, None if one_pass else unwrapped.critic,
                                        run.reward_fn, args.temperature, args.generation_batch_size,
                                        accelerator.autocast)
-        scores, shaped = update.shape_scores(scored["scores"], sample.has_stop, args, score_moments, accelerator)
+        per_source = rewards.score_sources(scored["scores"], run.reward_functions, run.reward_sources, run.tokenizer,
+                                           sample, rows)
+        raw_scores = rewards.combine(per_source, args.reward_weights)
+        scores, shaped = update.shape_scores(raw_scores, sample.has_stop, args, score_moments, accelerator)
 
         # --- 3. advantages: a KL penalty per token (unless --kl_in_loss), the score at the last one, then GAE;
         #        or, critic-free, one advantage per sequence from the other samples of its prompt (rloo, grpo) --
         mask = sample.response_mask.float()
         logprobs, ref_logprobs, values = (None if scored[k] is None else scored[k] * mask
                                           for k in ("logprobs", "ref_logprobs", "values"))
-        kl = algorithms.kl_per_token(logprobs, ref_logprobs, args.kl_estimator) * mask
+        kl = algorithms.kl_per_token(logprobs, ref_logprobs, args.kl_estimator, mask) * mask
         non_score_reward = torch.zeros_like(kl) if args.kl_in_loss else -kl_controller.value * kl
         def advantages_of(values):
-            return update.advantages_and_returns(non_score_reward, shaped, values, sample.response_mask, args, accelerator)
+            return update.advantages_and_returns(non_score_reward, shaped, values, sample.response_mask, args,
+                                                 accelerator)
 
         advantages, returns = (None, None) if one_pass else advantages_of(values)
         scored_at = time.perf_counter()
@@ -498,8 +474,8 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
                      logprobs=logprobs, values=values, advantages=advantages, returns=returns, mask=mask,
                      ref_logprobs=ref_logprobs if args.kl_in_loss else None)
         batch = {k: v for k, v in batch.items() if v is not None}  # no values or returns without a critic
-        stats, ptx_position = update.ppo_update(run, batch, args, sample.context, ema, ptx_position, kl_controller.value,
-                                         advantages_of if one_pass else None)
+        stats, ptx_position = update.ppo_update(run, batch, args, sample.context, ema, ptx_position,
+                                                kl_controller.value, advantages_of if one_pass else None)
         learning_rates = scheduler.get_last_lr()  # the rates this iteration used, for the metrics
         scheduler.step()
         step += 1
@@ -509,8 +485,8 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
 
         # --- 5. log and save --------------------------------------------------------------------------------------
         metrics = {"step": step, "episode": step * run.global_batch,
-                   **update.iteration_metrics(accelerator, stats, kl, logprobs, non_score_reward, scores, shaped, sample,
-                                       stop_token_id),
+                   **update.iteration_metrics(accelerator, stats, kl, logprobs, non_score_reward, scores, shaped,
+                                              sample, stop_token_id, rewards.source_means(per_source)),
                    "lr": learning_rates[0], **({"critic_lr": learning_rates[1]} if len(learning_rates) > 1 else {}),
                    "objective/kl_coef": kl_controller.value,
                    "time/generation_s": generated - started, "time/scoring_s": scored_at - generated,
@@ -520,17 +496,19 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
         problem = health.divergence(metrics, args.max_kl, weights_at_start)
         if problem:
             raise health.TrainingDiverged(f"training diverged at step {step}: {problem} (lower --learning_rate, set "
-                                   f"--score_clip, or check the reward model); the last good checkpoint is "
-                                   f"{last_checkpoint or 'none'} and was left untouched")
+                                          f"--score_clip, or check the reward model); the last good checkpoint is "
+                                          f"{last_checkpoint or 'none'} and was left untouched")
         history.append(metrics)
         if accelerator.is_main_process:
             with metrics_file.open("a") as out:
                 out.write(json.dumps(metrics) + "\n")
         accelerator.log(metrics, step=step)
         progress.update(1)
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                             **({name: f"{metrics[f'rewards/{name}']:.3f}" for name in run.reward_sources}
+                                if len(run.reward_sources) > 1 else {}))
         if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
-            update.log_samples(run.tokenizer, sample, scored["scores"], step, args.num_samples)
+            update.log_samples(run.tokenizer, sample, raw_scores, step, args.num_samples)
         stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item() > 0
         if step % args.save_steps == 0 or stop_now:
             state = {"step": step, "kl_coef": kl_controller.value, "score_moments": vars(score_moments),

@@ -42,39 +42,51 @@ def keep_4bit_weights_trainable(model: nn.Module) -> None:
 def build_models(args, model_args: ModelConfig, tokenizer, reward_tokenizer, paths: dict):
     """Load the SFT policy, reward model and critic; return (actor_critic, reference or None, reward or None).
 
-    reference None means "the actor with its adapter off"; reward None means "the critic with its adapter off".
+    reference None means "the actor with its adapter off"; reward None means "the critic with its adapter off", or
+    no reward model at all when paths["reward"] is None (reward functions alone).
     A critic-free estimator (rloo, grpo) builds no critic: actor_critic.critic is None, the reward model stands alone.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    zero3 = is_deepspeed_zero3_enabled()  # then from_pretrained builds every model partitioned (deepspeed.zero.Init)
     actor = models.load_model(model_args, AutoModelForCausalLM, paths["sft"], "--sft_model_path")
-    reward = models.load_model(model_args, AutoModelForSequenceClassification, paths["reward"], "--reward_model_path",
-                               num_labels=1)
-    reward.config.pad_token_id = reward_tokenizer.pad_token_id
+    reward = None  # no reward model: reward functions alone (ppo.py --reward_funcs)
+    if paths["reward"] is not None:
+        reward = models.load_model(model_args, AutoModelForSequenceClassification, paths["reward"],
+                                   "--reward_model_path", num_labels=1)
+        reward.config.pad_token_id = reward_tokenizer.pad_token_id
     if args.advantage_estimator != "gae":
         critic = None
     elif paths["critic"] is not None:
         critic = models.load_model(model_args, AutoModelForSequenceClassification, paths["critic"],
                                    "--critic_model_path", num_labels=1)
-    elif not rollout.same_tokenizer(tokenizer, reward_tokenizer):
-        # Values must line up with the actor's tokens, so the critic cannot read the reward model's tokens.
+    elif reward is None or not rollout.same_tokenizer(tokenizer, reward_tokenizer):
+        # Values must line up with the actor's tokens, so the critic cannot read the reward model's tokens; without
+        # a reward model it starts from the SFT policy too, with a fresh value head.
         critic = models.load_model(model_args, AutoModelForSequenceClassification, paths["sft"], "--sft_model_path",
                                    num_labels=1)
     elif model_args.use_peft:
         critic = reward  # shared: the reward model is the critic with its adapter off
     else:
-        critic = copy.deepcopy(reward)
-    shared = critic is reward
+        # A copy of the reward model; under ZeRO-3 loaded afresh, since a deepcopy of a partitioned model copies its
+        # empty shards without DeepSpeed's bookkeeping.
+        critic = models.load_model(model_args, AutoModelForSequenceClassification, paths["reward"],
+                                   "--reward_model_path", num_labels=1) if zero3 else copy.deepcopy(reward)
+    shared = reward is not None and critic is reward
     if quantized:
         for model in {id(m): m for m in (actor, reward, critic) if m is not None}.values():
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
             keep_4bit_weights_trainable(model)
     reference = None
     if not model_args.use_peft:
-        reference = copy.deepcopy(actor).eval().requires_grad_(False)
-    reward.requires_grad_(False)
+        reference = (models.load_model(model_args, AutoModelForCausalLM, paths["sft"], "--sft_model_path") if zero3
+                     else copy.deepcopy(actor)).eval().requires_grad_(False)
+    if reward is not None:
+        reward.requires_grad_(False)
 
     if model_args.use_peft:
         actor = get_peft_model(actor, get_peft_config(replace(model_args, lora_task_type="CAUSAL_LM")))
@@ -93,6 +105,23 @@ def build_models(args, model_args: ModelConfig, tokenizer, reward_tokenizer, pat
     actor_critic = ActorCritic(actor, critic)
     actor_critic.dropout_changes = changed  # put back in the configs while saving (dropout_config_restored)
     return actor_critic, reference, (None if shared else reward)
+
+
+def prepare_frozen(model, accelerator):
+    """A frozen model (the reference without LoRA, a reward model of its own) ready for this launch: under ZeRO-3,
+    a DeepSpeed inference engine without optimizer (TRL's prepare_deepspeed), whose hooks gather each layer's
+    shards for its forward pass, returned as its module (so it is called like any model); otherwise the model
+    itself. None stays None."""
+    plugin = accelerator.state.deepspeed_plugin
+    if model is None or plugin is None or plugin.zero_stage != 3:
+        return model
+    from trl.models.utils import prepare_deepspeed
+
+    engine = prepare_deepspeed(model, accelerator)
+    # Kept alive with the module it wraps; set past nn.Module's __setattr__, which would register the engine as a
+    # submodule of its own module (a cycle).
+    object.__setattr__(engine.module, "_inference_engine", engine)
+    return engine.module
 
 
 def zero3_gathered(accelerator, params, modifier_rank=None):

@@ -38,12 +38,17 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return (whitened if shift_mean else whitened + mean) * mask
 
 
-def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1",
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimate of KL(actor || reference) from sampled tokens (http://joschu.net/blog/kl-approx.html).
 
     k1 = log p - log q: unbiased, can be negative per token. k3 = (r - 1) - log r with r = q / p: never negative.
+    mask: 0 at padding, where the log-ratio is set to 0 before the exponential of k3 (a padding position can hold a
+    policy log-prob of a token it never predicts, e.g. -1e4, and exp(1e4) = inf, inf * 0 = NaN in a masked mean).
     """
     log_ratio = logprobs - ref_logprobs
+    if mask is not None:
+        log_ratio = torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio))
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":
@@ -88,6 +93,20 @@ def grpo_advantages(rewards: torch.Tensor, k: int, scale: str = "group", eps: fl
         return centred.flatten()
     std = grouped.std(1, keepdim=True) if scale == "group" else rewards.std()
     return (centred / (std + eps)).flatten()
+
+
+def group_baseline_advantages(scores: torch.Tensor, penalties: torch.Tensor, k: int, estimator: str,
+                              scale: str = "group") -> torch.Tensor:
+    """Critic-free advantages of sequences whose reward is score + penalty (penalty = -kl_coef * KL, or 0).
+
+    RLOO (Ahmadian et al. 2024, as TRL's RLOO): the leave-one-out baseline of the whole reward. GRPO (Shao et al.
+    2024): the score is normalised within its group (grpo_advantages, `scale`), and the penalty only centred in the
+    group, not divided by the group's score std: dividing it would make the KL weight kl_coef / std, different for
+    every prompt, and in a group whose scores tie kl_coef would cancel and the advantages push on the KL alone. Both
+    are linear in the penalty, so with scale "none" GRPO is exactly the mean-baseline of score + penalty."""
+    if estimator == "rloo":
+        return rloo_advantages(scores + penalties, k)
+    return grpo_advantages(scores, k, scale) + grpo_advantages(penalties, k, "none")
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):

@@ -170,6 +170,7 @@ RANGES = {
     "max_prompt_length": AT_LEAST_1, "response_length": AT_LEAST_1, "max_new_tokens": AT_LEAST_1,
     "max_prompts": AT_LEAST_1, "held_out_pairs": AT_LEAST_1, "batch_size": AT_LEAST_1, "generation_batch_size": AT_LEAST_1,
     "ptx_batch_size": AT_LEAST_1, "ptx_max_length": AT_LEAST_1, "show": NON_NEGATIVE, "num_samples": NON_NEGATIVE,
+    "best_of_n": NON_NEGATIVE,
     "pad_to_multiple_of": AT_LEAST_1, "dataset_num_proc": AT_LEAST_1, "dataloader_num_workers": NON_NEGATIVE,
     "dataloader_prefetch_factor": AT_LEAST_1,
     # schedule (transformers: max_steps -1 means "use num_train_epochs"; a *_steps below 1 is a fraction of the run)
@@ -266,7 +267,8 @@ def check_locations(args, skip=()) -> None:
     `skip`: flags not to check (train.py: the outputs of steps that have not run yet)."""
     for name in MODEL_FIELDS:
         value = getattr(args, name, None)
-        if value and value != models.BUILTIN_MODEL and f"--{name}" not in skip:
+        if value and value != models.BUILTIN_MODEL and f"--{name}" not in skip and \
+                not (name == "reward_model_path" and str(value).lower() == "none"):  # ppo.py: reward functions alone
             models.check_model_location(value, f"--{name}")
     for name in DATASET_FIELDS:
         value = getattr(args, name, None)

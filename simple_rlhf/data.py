@@ -305,7 +305,8 @@ def load_step_data(data_args: DataArguments, step: str):
         train = train.select(range(min(len(train), data_args.max_train_samples)))
     if data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(len(evaluation), data_args.max_eval_samples)))
-    train, evaluation = train.select_columns(list(columns)), evaluation.select_columns(list(columns))
+    if step != "ppo":  # PPO keeps every column: reward functions (ppo.py --reward_funcs) may read any of them
+        train, evaluation = train.select_columns(list(columns)), evaluation.select_columns(list(columns))
     if "response" in columns:  # downstream, SFT's answer is `chosen`
         train, evaluation = train.rename_column("response", "chosen"), evaluation.rename_column("response", "chosen")
     return train, evaluation
@@ -348,7 +349,7 @@ def tokenize_for_step(dataset, tokenizer, step: str, max_length: int, max_prompt
     sft: input_ids = prompt + chosen + EOS, completion_mask marks the answer.
     reward: chosen_ids / rejected_ids = prompt + answer + EOS, the same cut prompt for both.
     dpo: prompt_ids (cut as for reward), chosen_ids / rejected_ids = answer + EOS.
-    ppo: input_ids = the prompt alone, at most `max_prompt_length` tokens.
+    ppo: input_ids = the prompt alone, at most `max_prompt_length` tokens, beside the row's own columns.
     A row is dropped only when its answer alone cannot fit. Logs how many rows were cut and dropped.
     """
     prefix = special_prefix(tokenizer)
@@ -377,7 +378,7 @@ def tokenize_for_step(dataset, tokenizer, step: str, max_length: int, max_prompt
         return {"chosen_ids": prompt_ids + answer_ids[0], "rejected_ids": prompt_ids + answer_ids[1],
                 "truncated": cut, "dropped": dropped}
 
-    encoded = dataset.map(encode, remove_columns=dataset.column_names, num_proc=num_proc,
+    encoded = dataset.map(encode, remove_columns=dataset.column_names if step != "ppo" else None, num_proc=num_proc,
                           desc=f"Tokenizing for {step}")
     truncated, dropped = sum(encoded["truncated"]), sum(encoded["dropped"])
     kept = encoded.filter(lambda row: not row["dropped"]).remove_columns(["truncated", "dropped"])

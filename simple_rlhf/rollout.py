@@ -209,6 +209,27 @@ def merged_lora(model):
                 module.merged_adapters.remove(name)
 
 
+@contextlib.contextmanager
+def bare_generation_config(model):
+    """generate() fills every option its generation_config leaves None from the model's own generation_config
+    (min_new_tokens, suppress_tokens, bad_words_ids, forced_eos_token_id, min_p, ...: a checkpoint may ship any of
+    them), and they act before the log-prob recorder: sampling would then differ from the distribution whose
+    log-probs PPO trains on. While generating, the model's (and a PEFT wrapper's base model's) generation_config is a
+    bare one, so only what sampling_config sets (and transformers' neutral defaults) applies."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targets = [m for m in {id(m): m for m in (model, inner)}.values() if hasattr(m, "generation_config")]
+    saved = [m.generation_config for m in targets]
+    for m in targets:
+        m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, config in zip(targets, saved):
+            m.generation_config = config
+
+
 @torch.no_grad()
 def generate_responses(actor, queries: torch.Tensor, query_mask: torch.Tensor, config, batch_size: int,
                        logprobs_temperature: float | None = None):
@@ -221,8 +242,9 @@ def generate_responses(actor, queries: torch.Tensor, query_mask: torch.Tensor, c
     responses, logprobs = [], []
     for part in chunks(len(queries), batch_size):
         recorder = None if logprobs_temperature is None else SampledTokenLogprobs(logprobs_temperature)
-        output = actor.generate(input_ids=queries[part], attention_mask=query_mask[part], generation_config=config,
-                                logits_processor=None if recorder is None else [recorder])
+        with bare_generation_config(actor):
+            output = actor.generate(input_ids=queries[part], attention_mask=query_mask[part], generation_config=config,
+                                    logits_processor=None if recorder is None else [recorder])
         new = output[:, queries.shape[1]:]
         responses.append(nn.functional.pad(new, (0, length - new.shape[1]), value=pad_token_id))
         if recorder is not None:
@@ -352,33 +374,51 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
 
 
-def retokenize(batch: Rollout, tokenizer, reward_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def for_reward_model(batch: Rollout, stop_token_id: int | None, eos_token_id: int) -> torch.Tensor:
+    """The responses as reward.py trained on answers: ending in EOS. A custom stop token (ppo.py --stop_token) ends
+    a response in its place, so it is read as the EOS it stands for."""
+    if stop_token_id is None or stop_token_id == eos_token_id:
+        return batch.responses
+    return torch.where((batch.responses == stop_token_id) & batch.response_mask.bool(), eos_token_id, batch.responses)
+
+
+def retokenize(batch: Rollout, tokenizer, reward_tokenizer, stop_token_id: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt + response as text, re-tokenized for the reward model (+ its EOS where the response stopped), as
-    reward.py trained it on prompt + answer + EOS."""
+    reward.py trained it on prompt + answer + EOS.
+
+    Prompt and response are decoded together: decoded apart, SentencePiece (Metaspace) tokenizers drop the space
+    that the response's first piece carries ("Assistant:Paris." for "Assistant: Paris."). A custom stop token is
+    left out of the text, the EOS stands for it."""
     sequences = []
-    for query, response, mask, stopped in zip(batch.queries, batch.responses, batch.response_mask, batch.has_stop):
-        text = tokenizer.decode(query, skip_special_tokens=True) + tokenizer.decode(response[mask.bool()],
-                                                                                     skip_special_tokens=True)
+    for query, query_mask, response, mask, stopped in zip(batch.queries, batch.query_mask, batch.responses,
+                                                          batch.response_mask, batch.has_stop):
+        answer = response[mask.bool()]
+        if stopped and stop_token_id is not None and stop_token_id != tokenizer.eos_token_id:
+            answer = answer[:-1]  # the stop token: the EOS appended below stands for it
+        text = tokenizer.decode(torch.cat([query[query_mask.bool()], answer]), skip_special_tokens=True)
         sequences.append(reward_tokenizer(text)["input_ids"] + ([reward_tokenizer.eos_token_id] if stopped else []))
     return left_pad(sequences, reward_tokenizer.pad_token_id, batch.queries.device)
 
 
-def reward_function(reward_model, tokenizer, reward_tokenizer,
-                    adapter_off: bool = False) -> Callable[[Rollout], torch.Tensor]:
+def reward_function(reward_model, tokenizer, reward_tokenizer, adapter_off: bool = False,
+                    stop_token_id: int | None = None) -> Callable[[Rollout], torch.Tensor]:
     """The reward model's score of each sequence of a rollout, as a function of the rollout.
 
     Decided here, once: with the policy's tokenizer the ids are read as they are; with another tokenizer the text
-    is decoded and re-tokenized. adapter_off: the reward model is a PEFT model (the critic) whose adapter must be
-    switched off to give the reward model's own score.
+    is decoded and re-tokenized. Both read prompt + answer + EOS, as reward.py trained: a custom stop token
+    (stop_token_id, when it is not the EOS) counts as the EOS. adapter_off: the reward model is a PEFT model (the
+    critic) whose adapter must be switched off to give the reward model's own score.
     """
     retokenized = not same_tokenizer(tokenizer, reward_tokenizer)
 
     @torch.no_grad()
     def scores(batch: Rollout) -> torch.Tensor:
         if retokenized:
-            ids, mask = retokenize(batch, tokenizer, reward_tokenizer)
+            ids, mask = retokenize(batch, tokenizer, reward_tokenizer, stop_token_id)
         else:
-            ids, mask = batch.input_ids, batch.attention_mask
+            responses = for_reward_model(batch, stop_token_id, tokenizer.eos_token_id)
+            ids, mask = torch.cat([batch.queries, responses], 1), batch.attention_mask
         with reward_model.disable_adapter() if adapter_off else contextlib.nullcontext():
             return score_at_last_token(reward_model, ids, mask)
 
@@ -430,5 +470,16 @@ def score_rollout(batch: Rollout, actor, reference, critic, reward_fn: Callable[
                                                              temperature))
             if critic is not None:
                 out["values"].append(response_values(critic, piece))
-            out["scores"].append(reward_fn(piece))
+            if reward_fn is not None:  # None: no reward model (reward functions alone)
+                out["scores"].append(reward_fn(piece))
     return {key: torch.cat(value) if value else None for key, value in out.items()}
+
+
+def stop_token_id(tokenizer, stop_token: str) -> int:
+    """ppo.py's --stop_token: 'eos' or a string that is one token of the policy's tokenizer."""
+    if stop_token == "eos":
+        return tokenizer.eos_token_id
+    stop_ids = tokenizer(stop_token, add_special_tokens=False)["input_ids"]
+    if len(stop_ids) != 1:
+        raise UserError(f"--stop_token {stop_token!r} is {len(stop_ids)} tokens; give one token or eos")
+    return stop_ids[0]

@@ -290,3 +290,24 @@ def write_json(path: str | Path, data) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(partial, path)
+
+
+def make_accelerator(args):
+    """The Accelerator of a hand-written training loop (ppo.py), configured from its arguments; logging set up."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # accelerate launch exports the DeepSpeed config's "auto" here; the PPO arguments decide, as in TRL's trainers.
+    if os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") == "auto":
+        del os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]
+    # use_cpu (set automatically without a GPU) makes torchrun's processes one MULTI_CPU group, but cpu=True would
+    # also silently turn an `accelerate launch` DeepSpeed config into plain MULTI_CPU: DeepSpeed keeps its own.
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(cpu=args.use_cpu and not deepspeed_launch, mixed_precision="bf16" if args.bf16 else None,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              log_with=None if args.report_to == "none" else args.report_to.split(","),
+                              project_dir=args.output_dir)
+    setup_logging(accelerator.is_main_process)
+    log_distribution(accelerator)
+    set_seed(args.seed)
+    return accelerator

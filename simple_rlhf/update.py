@@ -7,6 +7,7 @@ import logging
 import torch
 
 from simple_rlhf import actor_critic, algorithms, rollout
+from simple_rlhf.errors import UserError
 
 logger = logging.getLogger("simple_rlhf")
 
@@ -32,17 +33,18 @@ def micro_batch_loss(model, batch: dict, args, context: int, ptx: tuple | None =
         values = new_values.detach() * mask
         advantages, returns = advantages_of(values)
         batch = {**batch, "values": values, "advantages": advantages, "returns": returns}
-    pg_loss, clipfrac, approxkl, ratio = algorithms.clipped_policy_loss(new_logprobs, batch["logprobs"], batch["advantages"],
-                                                             mask, args.cliprange)
+    pg_loss, clipfrac, approxkl, ratio = algorithms.clipped_policy_loss(new_logprobs, batch["logprobs"],
+                                                                        batch["advantages"], mask, args.cliprange)
     loss = pg_loss
     stats = dict(approxkl=approxkl, clipfrac=clipfrac, pg_loss=pg_loss, ratio=ratio)
     if new_values is not None:
         vf_loss, vf_clipfrac = algorithms.clipped_value_loss(new_values, batch["values"], batch["returns"], mask,
-                                                  args.cliprange_value)
+                                                             args.cliprange_value)
         loss = loss + args.vf_coef * vf_loss
         stats.update(vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
     if args.kl_in_loss:  # GRPO: the KL as a loss term, its gradient through the new log-probs
-        stats["kl_loss"] = algorithms.masked_mean(algorithms.kl_per_token(new_logprobs, batch["ref_logprobs"], args.kl_estimator), mask)
+        kl = algorithms.kl_per_token(new_logprobs, batch["ref_logprobs"], args.kl_estimator, mask)
+        stats["kl_loss"] = algorithms.masked_mean(kl, mask)
         loss = loss + kl_coef * stats["kl_loss"]
     with torch.set_grad_enabled(args.entropy_coef != 0 and torch.is_grad_enabled()):
         stats["entropy"] = algorithms.masked_mean(rollout.entropy_from_logits(logits, args.temperature), mask)
@@ -76,7 +78,7 @@ def advantages_and_returns(non_score_reward, scores, values, response_mask, args
     Critic-free estimators (values None): see group_advantages; returns None."""
     mask = response_mask.float()
     if args.advantage_estimator != "gae":
-        return group_advantages(scores + non_score_reward.sum(1), args, accelerator)[:, None] * mask, None
+        return group_advantages(scores, non_score_reward.sum(1), args, accelerator)[:, None] * mask, None
     rewards = non_score_reward.clone()
     rewards[torch.arange(len(rewards), device=rewards.device), rollout.last_token_index(response_mask)] += scores
     sum_all = (lambda t: accelerator.reduce(t, "sum")) if accelerator.num_processes > 1 else None
@@ -87,19 +89,19 @@ def advantages_and_returns(non_score_reward, scores, values, response_mask, args
     return algorithms.masked_whiten(advantages, mask, sum_all=sum_all), returns
 
 
-def group_advantages(rewards: torch.Tensor, args, accelerator) -> torch.Tensor:
-    """One advantage per sequence from its reward (the score, minus kl_coef * its KL unless --kl_in_loss, as TRL's
-    RLOO): RLOO's or GRPO's baseline within each prompt's group, computed on all processes' rewards gathered (so
-    batch statistics are global), then this process's share; --normalize_advantages: to mean 0, std 1 over all."""
-    everyone = accelerator.gather(rewards) if accelerator.num_processes > 1 else rewards
-    if args.advantage_estimator == "rloo":
-        advantages = algorithms.rloo_advantages(everyone, args.num_generations)
-    else:
-        advantages = algorithms.grpo_advantages(everyone, args.num_generations, args.scale_rewards)
+def group_advantages(scores: torch.Tensor, penalties: torch.Tensor, args, accelerator) -> torch.Tensor:
+    """One advantage per sequence from its score and its KL penalty (-kl_coef * its KL; 0 with --kl_in_loss), with
+    RLOO's or GRPO's baseline within each prompt's group (algorithms.group_baseline_advantages), computed on all
+    processes' sequences gathered (so batch statistics are global), then this process's share;
+    --normalize_advantages: to mean 0, std 1 over all."""
+    everyone = torch.stack([scores, penalties])
+    everyone = accelerator.gather(everyone.T).T if accelerator.num_processes > 1 else everyone
+    advantages = algorithms.group_baseline_advantages(everyone[0], everyone[1], args.num_generations,
+                                                      args.advantage_estimator, args.scale_rewards)
     if args.normalize_advantages:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
-    start = accelerator.process_index * len(rewards)
-    return advantages[start:start + len(rewards)]
+    start = accelerator.process_index * len(scores)
+    return advantages[start:start + len(scores)]
 
 
 def one_pass_update(args) -> bool:
@@ -158,8 +160,9 @@ def ppo_update(run, batch: dict, args, context: int, ema: dict | None, ptx_posit
 
 
 def iteration_metrics(accelerator, stats: dict, kl, logprobs, non_score_reward, scores, shaped, sample,
-                      stop_token_id: int) -> dict:
-    """This iteration's rollout and update statistics, averaged over processes (counts summed)."""
+                      stop_token_id: int, sources: dict | None = None) -> dict:
+    """This iteration's rollout and update statistics, averaged over processes (counts summed); `sources`:
+    {rewards/NAME: (sum, count)} of each reward source, averaged over the samples it applied to."""
     mean = lambda values: torch.stack(values).mean()  # noqa: E731
     local = {
         "objective/kl": kl.sum(1).mean(),
@@ -186,6 +189,9 @@ def iteration_metrics(accelerator, stats: dict, kl, logprobs, non_score_reward, 
     reduced = accelerator.reduce(torch.stack([local[n].to(accelerator.device).float() for n in names]), "mean")
     metrics = dict(zip(names, reduced.tolist()))
     metrics["val/num_eos_tokens"] *= accelerator.num_processes  # a count: summed over processes
+    if sources:
+        totals = accelerator.reduce(torch.stack(list(sources.values())).to(accelerator.device), "sum").tolist()
+        metrics.update({name: total / max(count, 1) for name, (total, count) in zip(sources, totals)})
     return metrics
 
 
@@ -194,3 +200,39 @@ def log_samples(tokenizer, sample, raw_scores, step: int, count: int) -> None:
         prompt = tokenizer.decode(sample.queries[i][sample.query_mask[i].bool()], skip_special_tokens=True)
         answer = tokenizer.decode(sample.responses[i][sample.response_mask[i].bool()], skip_special_tokens=True)
         logger.info(f"sample at step {step} (score {raw_scores[i].item():.3f}):\n...{prompt[-200:]!s}\n>>> {answer}")
+
+
+def validate_estimator(args) -> None:
+    """ppo.py's advantage estimator and the options that go with it, before anything is loaded (UserError: one line,
+    exit 2); fills in num_generations and kl_estimator."""
+    estimator = args.advantage_estimator
+    if estimator not in algorithms.ADVANTAGE_ESTIMATORS:
+        raise UserError(f"--advantage_estimator {estimator}: use one of {', '.join(algorithms.ADVANTAGE_ESTIMATORS)}")
+    if None not in (args.num_generations, args.num_samples_per_prompt) and \
+            args.num_generations != args.num_samples_per_prompt:
+        raise UserError(f"--num_generations {args.num_generations} and --num_samples_per_prompt "
+                               f"{args.num_samples_per_prompt}: the same option under two names; give one")
+    args.num_generations = args.num_samples_per_prompt = args.num_generations or args.num_samples_per_prompt or 1
+    if estimator != "gae" and args.num_generations < 2:
+        raise UserError(f"--advantage_estimator {estimator} needs --num_generations (alias "
+                               "--num_samples_per_prompt) of at least 2: its baseline is the other samples of "
+                               "the same prompt")
+    if args.scale_rewards not in algorithms.SCALE_REWARDS:
+        raise UserError(f"--scale_rewards {args.scale_rewards}: use one of {', '.join(algorithms.SCALE_REWARDS)}")
+    only = {"--scale_rewards": ("grpo",) if args.scale_rewards != "group" else None,
+            "--normalize_advantages": ("rloo", "grpo") if args.normalize_advantages else None,
+            "--critic_model_path": ("gae",) if args.critic_model_path else None,
+            "--whiten_rewards": ("gae",) if args.whiten_rewards else None}
+    for flag, estimators in only.items():
+        if estimators is not None and estimator not in estimators:
+            raise UserError(f"{flag} applies to --advantage_estimator {' or '.join(estimators)} only, not "
+                                   f"{estimator}")
+    if estimator != "gae" and args.critic_learning_rate is not None:  # e.g. from a GAE recipe: harmless
+        logger.warning(f"--critic_learning_rate is not used: --advantage_estimator {estimator} has no critic")
+    if args.kl_estimator is None:
+        args.kl_estimator = "k3" if args.kl_in_loss else "k1"
+    if args.kl_estimator not in ("k1", "k3"):
+        raise UserError(f"--kl_estimator {args.kl_estimator}: use k1 or k3")
+    if args.kl_in_loss and args.kl_estimator == "k1":
+        raise UserError("--kl_estimator k1 with --kl_in_loss: the gradient of k1 is 0 on average, so the "
+                               "term would not pull towards the reference; use k3 (GRPO's)")

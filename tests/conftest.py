@@ -1,6 +1,7 @@
 """Shared fixtures: an offline environment, a cache for the built-in demo model, and a way to run the scripts."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,32 @@ def gpt2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def env(script_env):
+    # One thread per process: on a small shared machine, torch's default threads make tiny models ~20x slower.
+    return {**script_env, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def demo_models(env, tmp_path_factory):
+    """The demo chain's steps 1 and 2 (full fine-tuning), as the README runs them: built once per test session and
+    shared by the pytest-xdist workers (the first builds them under a file lock, the others wait and reuse them).
+    While working on a step, SIMPLE_RLHF_DEMO_MODELS=SFT_DIR,REWARD_DIR reuses models built earlier by those two
+    commands."""
+    from filelock import FileLock
+
+    if os.environ.get("SIMPLE_RLHF_DEMO_MODELS"):
+        return tuple(os.environ["SIMPLE_RLHF_DEMO_MODELS"].split(","))
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "demo-models"
+    sft, reward = root / "sft", root / "reward"
+    with FileLock(f"{root}.lock"):
+        if not (root / "complete").exists():  # built in place (the reward model records the SFT folder it started from)
+            shutil.rmtree(root, ignore_errors=True)
+            run(python_script("sft.py", "--config", "recipes/demo/sft.yaml", "--output_dir", sft), env)
+            run(python_script("reward.py", "--config", "recipes/demo/reward.yaml", "--output_dir", reward,
+                              "--model_name_or_path", sft), env)
+            (root / "complete").touch()
+    return str(sft), str(reward)

@@ -30,26 +30,6 @@ TINY = ["--dataset_name", "builtin:synthetic", "--max_prompt_length", "64", "--r
 SHORT = ["--max_steps", "2", "--response_length", "6", "--num_ppo_epochs", "1", "--max_train_samples", "16"]
 
 
-@pytest.fixture(scope="session")
-def env(script_env):
-    # One thread per process: on a small shared machine, torch's default threads make tiny models ~20x slower.
-    return {**script_env, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="session")
-def demo_models(env, tmp_path_factory):
-    """The demo chain's steps 1 and 2 (full fine-tuning), as the README runs them. While working on ppo.py,
-    SIMPLE_RLHF_DEMO_MODELS=SFT_DIR,REWARD_DIR reuses models built earlier by those two commands."""
-    if os.environ.get("SIMPLE_RLHF_DEMO_MODELS"):
-        return tuple(os.environ["SIMPLE_RLHF_DEMO_MODELS"].split(","))
-    root = tmp_path_factory.mktemp("demo")
-    sft, reward = root / "sft", root / "reward"
-    run(python_script("sft.py", "--config", "recipes/demo/sft.yaml", "--output_dir", sft), env)
-    run(python_script("reward.py", "--config", "recipes/demo/reward.yaml", "--output_dir", reward,
-                      "--model_name_or_path", sft), env)
-    return str(sft), str(reward)
-
-
 def metrics(output_dir):
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -251,25 +231,63 @@ ZERO3_CPU = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "
              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
 
 
+def test_a_policy_tokenizer_without_eos_is_refused_in_one_line(env, demo_models, tmp_path):
+    """Answers end in EOS (sft.py and reward.py train on answer + EOS): a policy tokenizer without one used to give a
+    false "the reward model has its own tokenizer" line, then an AttributeError in the rollout."""
+    import shutil
+
+    sft = tmp_path / "sft"
+    shutil.copytree(demo_models[0], sft)
+    config = json.loads((sft / "tokenizer_config.json").read_text())
+    (sft / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    result = run(ppo_run((str(sft), demo_models[1]), tmp_path / "out", *SHORT), env, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --sft_model_path {sft}: its tokenizer has no EOS")
+    assert "Traceback" not in result.stderr and "own tokenizer" not in result.stderr
+
+
+def zero3_launch(tmp_path):
+    """An accelerate config for one process of ZeRO-3 on CPU, every tensor sharded (ZERO3_CPU)."""
+    (tmp_path / "ds3.json").write_text(json.dumps(ZERO3_CPU))
+    (tmp_path / "zero3.yaml").write_text(
+        "distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: " + str(tmp_path / "ds3.json") +
+        "\n  zero3_init_flag: true\nnum_machines: 1\nnum_processes: 1\nmachine_rank: 0\nuse_cpu: false\n")
+    return tmp_path / "zero3.yaml"
+
+
 @pytest.mark.slow
 def test_deepspeed_zero3_cpu_offload_one_process_gathers_for_generation_and_saving(env, demo_models, tmp_path):
     """configs/zero3_offload.yaml's setup in one process on CPU: parameters sharded, gathered for generate() and to
     save adapters and checkpoints (without that, every saved tensor is an empty shard)."""
     from peft import AutoPeftModelForCausalLM
 
-    (tmp_path / "ds3.json").write_text(json.dumps(ZERO3_CPU))
-    (tmp_path / "zero3.yaml").write_text(
-        "distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: " + str(tmp_path / "ds3.json") +
-        "\n  zero3_init_flag: true\nnum_machines: 1\nnum_processes: 1\nmachine_rank: 0\nuse_cpu: false\n")
     out = tmp_path / "ds3"
     result = run(accelerate_script(*ppo_run(demo_models, out, *SHORT, "--save_steps", "2")[1:],
-                                   config=tmp_path / "zero3.yaml"), env)
+                                   config=zero3_launch(tmp_path)), env)
     assert "running as DEEPSPEED" in result.stderr and [m["step"] for m in metrics(out)] == [1, 2]
     saved = torch.load(out / "checkpoint-2" / "trainable_params.pt")
     assert all(t.numel() > 0 for t in saved.values()) and (out / "checkpoint-2" / "deepspeed").is_dir()
     actor = AutoPeftModelForCausalLM.from_pretrained(out)
     lora_b = [p for n, p in actor.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", [["--advantage_estimator", "rloo", "--num_generations", "2"],
+                                   ["--use_peft", "false", "--learning_rate", "1e-5"]],
+                         ids=["rloo-reward-model-alone", "full-fine-tuning-reference"])
+def test_deepspeed_zero3_runs_with_the_frozen_models_outside_the_engine(env, demo_models, tmp_path, setup):
+    """Under ZeRO-3 transformers builds every model partitioned: the reward model loaded on its own (rloo) and, in
+    full fine-tuning, the reference had empty weights at their first forward ('weight' must be 2-D). They are now
+    DeepSpeed inference engines; the reference starts equal to the actor, so the first KL is ~0."""
+    out = tmp_path / "ds3"
+    result = run(accelerate_script(*ppo_run(demo_models, out, *SHORT, *setup)[1:], config=zero3_launch(tmp_path)),
+                 env)
+    history = metrics(out)
+    assert "running as DEEPSPEED" in result.stderr and [m["step"] for m in history] == [1, 2]
+    assert all(math.isfinite(m["objective/scores"]) for m in history)
+    assert abs(history[0]["objective/kl"]) < 0.05  # the reference's weights are the actor's, gathered
+    assert "critic" not in os.listdir(out) if "rloo" in setup else True
 
 
 # ---------------------------------------------------------------------------------------------------------------
