@@ -15,6 +15,12 @@
   held-out questions (a seed no training step reads) and each policy's share of answers that are correct, polite,
   and both is reported; the reward model's accuracy is also given per flaw of the rejected answer (rude, wrong,
   both) on held-out pairs;
+- `--best_of_n N`: one more policy row, `<reference>-best-of-N`: the reference policy's best of N sampled answers
+  per prompt as the reward model ranks them (Stiennon et al. 2020; Gao et al. 2022), what the reward model gives with
+  no RL at all; its KL to the reference is the analytic bound log N - (N - 1) / N, not an estimate;
+- builtin:synthetic with a reward model: per policy, the reward model's agreement with the ground truth on that
+  policy's own answers: `rm_auc` (the AUC of the score for correct-and-polite answers against the others) and
+  `rm_auc_correct` (correct against not); it falls when a policy finds answers the reward model overrates;
 - `--show N` prints N prompts with every policy's answer and score side by side (DeepSpeed-Chat's prompt_eval).
 
 The eval rows are the dataset's test split, or the rows the steps held out (same --eval_fraction and seed).
@@ -58,6 +64,10 @@ class EvalArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the sampling (the same for every policy)."})
     held_out_pairs: int = field(default=300, metadata={
         "help": "builtin:synthetic: held-out pairs for the reward model's accuracy per flaw of the rejected answer."})
+    best_of_n: int = field(default=0, metadata={
+        "help": "Add the policy <reference>-best-of-N: per prompt, N answers sampled from the reference policy (same "
+                "temperature and length) and the one the reward model scores highest (needs --reward_model_path). "
+                "0: off."})
 
 
 def device() -> torch.device:
@@ -150,10 +160,65 @@ def flaw_of(row: dict) -> str:
     return "both" if not (check["correct"] or check["polite"]) else "wrong" if check["polite"] else "rude"
 
 
+def ground_truth_checks(prompts: list[str], answers: list[str]) -> list[dict[str, bool]]:
+    """builtin:synthetic: each answer checked (simple_rlhf.synthetic.check_synthetic_answer: correct, polite, both)."""
+    return [synthetic.check_synthetic_answer(p, a) for p, a in zip(prompts, answers)]
+
+
 def ground_truth_rates(prompts: list[str], answers: list[str]) -> dict:
     """builtin:synthetic: the shares of answers that are correct, polite, and both (simple_rlhf.synthetic.check_synthetic_answer)."""
-    checks = [synthetic.check_synthetic_answer(p, a) for p, a in zip(prompts, answers)]
+    return rates_of(ground_truth_checks(prompts, answers))
+
+
+def rates_of(checks: list[dict[str, bool]]) -> dict:
     return {f"{key}_rate": sum(c[key] for c in checks) / len(checks) for key in ("correct", "polite", "both")}
+
+
+def auc(scores, labels) -> float | None:
+    """The area under the ROC curve of `scores` for telling the answers labelled True from those labelled False: the
+    probability that a random True answer scores above a random False one, ties counting half (the Mann-Whitney U
+    statistic over n_true * n_false). None when either class is empty."""
+    scores = [float(s) for s in scores]
+    labels = [bool(label) for label in labels]
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return None
+    # Ranks 1..n of the scores, tied scores sharing their average rank: then sum(ranks of True) - n_true (n_true + 1)
+    # / 2 counts the (True, False) pairs with the True one higher, ties counted half.
+    order = sorted(range(len(scores)), key=scores.__getitem__)
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    above = sum(r for r, label in zip(ranks, labels) if label) - positives * (positives + 1) / 2
+    return above / (positives * negatives)
+
+
+def reward_model_agreement(scores: torch.Tensor, checks: list[dict]) -> dict:
+    """builtin:synthetic: how well the reward model's scores of a policy's own answers rank them as the ground truth
+    does: rm_auc for correct and polite answers against the others, rm_auc_correct for correct against wrong."""
+    return {"rm_auc": auc(scores.tolist(), [c["both"] for c in checks]),
+            "rm_auc_correct": auc(scores.tolist(), [c["correct"] for c in checks])}
+
+
+def best_of_n_selection(scores: torch.Tensor) -> torch.Tensor:
+    """Best-of-N: `scores` is (prompts, N), the reward model's score of each prompt's N answers; returns, per prompt,
+    the index in the flattened (prompts * N) batch (prompt-major: row p * N + j is prompt p's answer j) of its
+    highest-scored answer, the first of equal best ones."""
+    prompts, n = scores.shape
+    return scores.argmax(dim=1) + torch.arange(prompts, device=scores.device) * n
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """KL(best-of-N || policy) <= log N - (N - 1) / N per prompt (Stiennon et al. 2020; Gao et al. 2022; exact when
+    the N answers are distinct and their scores untied, an upper bound otherwise: Beirami et al. 2024)."""
+    return math.log(n) - (n - 1) / n
 
 
 def policy_prompts(args: EvalArguments, data_args: data.DataArguments) -> list[str]:
@@ -167,8 +232,10 @@ def policy_prompts(args: EvalArguments, data_args: data.DataArguments) -> list[s
 # ----------------------------------------------------------------------------------------------------------------
 # Policies: answers, scores, KL
 # ----------------------------------------------------------------------------------------------------------------
-def answer(model, tokenizer, prompts: list[str], args: EvalArguments) -> dict:
-    """Sampled answers to the prompts (cut from the left as ppo.py cuts them) and their summed log-probs."""
+def answer(model, tokenizer, prompts: list[str], args: EvalArguments, seed: int | None = None,
+           logprobs: bool = True) -> dict:
+    """Sampled answers to the prompts (cut from the left as ppo.py cuts them) and their summed log-probs (when
+    `logprobs`). seed: of the sampling (default --seed, the same for every policy)."""
     import datasets
 
     encoded, _ = data.tokenize_for_step(datasets.Dataset.from_dict({"prompt": prompts}), tokenizer, "ppo",
@@ -176,9 +243,10 @@ def answer(model, tokenizer, prompts: list[str], args: EvalArguments) -> dict:
     queries, query_mask = rollout.left_pad(encoded["input_ids"], tokenizer.pad_token_id, device())
     config = rollout.sampling_config(args.response_length, args.temperature, args.top_k, args.top_p,
                                      tokenizer.eos_token_id, tokenizer.pad_token_id)
-    torch.manual_seed(args.seed)  # every policy samples with the same seed
+    torch.manual_seed(args.seed if seed is None else seed)  # every policy samples with the same seed
     sample = rollout.generate_rollout(model, queries, query_mask, config, args.batch_size)
-    return {"rollout": sample, "tokenizer": tokenizer, "logprobs": sequence_logprobs(model, sample, args)}
+    return {"rollout": sample, "tokenizer": tokenizer,
+            "logprobs": sequence_logprobs(model, sample, args) if logprobs else None}
 
 
 def sequence_logprobs(model, sample: rollout.Rollout, args: EvalArguments) -> torch.Tensor:
@@ -219,10 +287,7 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
                                                                          AutoModelForCausalLM)
         answers = answer(model, tokenizer, prompts, args)
         sample = answers["rollout"]
-        numbers = {"path": path, "mean_length": sample.response_mask.sum(1).float().mean().item(),
-                   "eos_rate": sample.has_stop.float().mean().item()}
-        if data_args.dataset_name == synthetic.BUILTIN_DATASET:
-            numbers.update(ground_truth_rates(prompts, decode_answers(answers)))
+        numbers = {"path": path}
         if reference is not None and rollout.same_tokenizer(tokenizer, reference[1]) and not truncated(args):
             # k1 estimate of KL(policy || reference) per answer: E[log p(answer) - log q(answer)] over samples.
             numbers["kl_to_reference"] = (answers["logprobs"] - sequence_logprobs(reference[0], sample,
@@ -231,10 +296,13 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
             # The scoring function is decided per policy: its tokenizer may differ from the reward model's.
             reward_fn = rollout.reward_function(reward[0], tokenizer, reward[1])
             answers["scores"] = score_answers(reward_fn, sample, args.batch_size)
-            numbers["reward_mean"] = answers["scores"].mean().item()
-            numbers["reward_std"] = answers["scores"].std().item() if len(prompts) > 1 else 0.0
+        numbers.update(answer_numbers(prompts, answers, data_args))
         results[name], rollouts[name] = numbers, answers
         del model
+    if args.best_of_n:
+        name = best_of_n_name(args)
+        numbers, rollouts[name] = best_of_n(reference, reward, prompts, args, data_args)
+        results[name] = {"path": policies[args.reference], **numbers}
     if reward is not None and args.reference in rollouts:
         ref_scores = rollouts[args.reference]["scores"]
         for name in results:
@@ -242,6 +310,47 @@ def evaluate_policies(policies: dict[str, str], reward, args: EvalArguments, dat
             results[name][f"win_rate_vs_{args.reference}"] = ((scores > ref_scores).float().mean()
                                                               + 0.5 * (scores == ref_scores).float().mean()).item()
     return results, {"prompts": prompts, **rollouts}
+
+
+def answer_numbers(prompts: list[str], answers: dict, data_args) -> dict:
+    """A policy's numbers from its answers (and their scores, when there is a reward model): mean length, EOS rate,
+    reward mean and std; for builtin:synthetic the ground-truth rates and the reward model's agreement with them."""
+    sample, scores = answers["rollout"], answers.get("scores")
+    numbers = {"mean_length": sample.response_mask.sum(1).float().mean().item(),
+               "eos_rate": sample.has_stop.float().mean().item()}
+    if scores is not None:
+        numbers["reward_mean"] = scores.mean().item()
+        numbers["reward_std"] = scores.std().item() if len(scores) > 1 else 0.0
+    if data_args.dataset_name == synthetic.BUILTIN_DATASET:
+        checks = ground_truth_checks(prompts, decode_answers(answers))
+        numbers.update(rates_of(checks))
+        if scores is not None:
+            numbers.update(reward_model_agreement(scores, checks))
+    return numbers
+
+
+def best_of_n_name(args: EvalArguments) -> str:
+    return f"{args.reference}-best-of-{args.best_of_n}"
+
+
+def best_of_n(reference, reward, prompts: list[str], args: EvalArguments, data_args) -> tuple[dict, dict]:
+    """The reference policy's best of --best_of_n answers per prompt by the reward model: N answers per prompt
+    sampled as the other policies' (temperature, length; seed --seed + 1, so they are drawn apart from the reference
+    row's own answers), all scored as the other rows are (rollout.reward_function), the highest kept."""
+    model, tokenizer = reference
+    n = args.best_of_n
+    repeated = [prompt for prompt in prompts for _ in range(n)]  # prompt-major: row p * N + j is prompt p's answer j
+    answers = answer(model, tokenizer, repeated, args, seed=args.seed + 1, logprobs=False)
+    scores = score_answers(rollout.reward_function(reward[0], tokenizer, reward[1]), answers["rollout"],
+                           args.batch_size)
+    best = best_of_n_selection(scores.view(len(prompts), n))
+    answers.update(rollout=answers["rollout"][best], scores=scores[best])
+    numbers = {"best_of": args.reference, "best_of_n": n}
+    if not truncated(args):
+        # A selection has no per-token log-probs to estimate KL from; the analytic bound stands in, named as such.
+        numbers["kl_to_reference_bound"] = best_of_n_kl_bound(n)
+    numbers.update(answer_numbers(prompts, answers, data_args))
+    return numbers, answers
 
 
 def truncated(args: EvalArguments) -> bool:
@@ -274,11 +383,24 @@ def print_table(results: dict) -> None:
                   ", ".join(f"{flaw} {value:.3f}" for flaw, value in r["accuracy_by_flaw"].items()))
     policies = results.get("policies", {})
     if policies:
-        columns = ["reward_mean"] + sorted({k for p in policies.values() for k in p if k.startswith("win_rate")}) + \
+        present = {k for p in policies.values() for k in p}
+        columns = ["reward_mean"] + sorted(k for k in present if k.startswith("win_rate")) + \
                   ["kl_to_reference", "mean_length", "eos_rate"] + \
-                  [c for c in ("correct_rate", "polite_rate", "both_rate") if c in next(iter(policies.values()))]
-        runs.print_table([["policy"] + columns] + [[name] + [f"{p[c]:.3f}" if c in p else "-" for c in columns]
+                  [c for c in ("correct_rate", "polite_rate", "both_rate", "rm_auc", "rm_auc_correct") if c in present]
+        runs.print_table([["policy"] + columns] + [[name] + [table_cell(p, c) for c in columns]
                                                      for name, p in policies.items()])
+        for name, p in policies.items():
+            if "kl_to_reference_bound" in p:
+                print(f"{name}: KL <= log N - (N-1)/N with N = {p['best_of_n']}, the analytic bound for a best-of-N "
+                      "selection (not estimated from samples)")
+
+
+def table_cell(policy: dict, column: str) -> str:
+    """A number of the policies' table: '-' where there is none; a best-of-N row's KL is its bound, written <=."""
+    if column == "kl_to_reference" and "kl_to_reference_bound" in policy:
+        return f"<={policy['kl_to_reference_bound']:.3f}"
+    value = policy.get(column)
+    return "-" if value is None else f"{value:.3f}"
 
 
 ARGUMENTS = (EvalArguments, data.DataArguments)
@@ -301,6 +423,16 @@ def main(args: EvalArguments, data_args: data.DataArguments) -> dict:
                  "held_out_pairs"):
         if getattr(args, flag) < 1:
             raise errors.UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    if args.best_of_n < 0:
+        raise errors.UserError(f"--best_of_n {args.best_of_n}: must be at least 0 (0: off)")
+    if args.best_of_n and not args.reward_model_path:
+        raise errors.UserError(f"--best_of_n {args.best_of_n}: best-of-N ranks the answers by the reward model; give "
+                               "--reward_model_path")
+    if args.best_of_n and args.reference not in policies:
+        raise errors.UserError(f"--best_of_n {args.best_of_n}: samples the reference policy --reference "
+                               f"{args.reference}, which is not among --policies; add {args.reference}=PATH")
+    if args.best_of_n and best_of_n_name(args) in policies:
+        raise errors.UserError(f"--policies: the name {best_of_n_name(args)!r} is the best-of-N row's; rename it")
     for flag, path in [("--sft_model_path", args.sft_model_path), ("--reward_model_path", args.reward_model_path),
                        *[(f"--policies {n}", p) for n, p in policies.items()]]:
         if path:
@@ -330,7 +462,8 @@ def main(args: EvalArguments, data_args: data.DataArguments) -> dict:
         results["policies"], answers = evaluate_policies(policies, reward, args, data_args)
         results["policy_settings"] = {"prompts": len(answers["prompts"]), "reference": args.reference,
                                       "response_length": args.response_length, "temperature": args.temperature,
-                                      "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+                                      "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+                                      "best_of_n": args.best_of_n}
         if args.show:
             show_answers(answers, args.show)
     print_table(results)

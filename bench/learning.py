@@ -5,12 +5,15 @@
     python bench/learning.py --task smollm2-hh --seeds 1 --ppo_args "--max_steps 20"
 
 Each seed runs train.py (the task's preset, plain python, `--seed S` for every step) into OUTPUT_DIR/TASK/seed-S,
-then evaluate.py on held-out data with the base, SFT and PPO policies. The table gives, as mean ± std over seeds
-(and each seed's value): the reward model's held-out accuracy (per flaw of the rejected answer on the synthetic
+then evaluate.py on held-out data with the base, SFT and PPO policies, and the SFT policy's best of N answers by the
+reward model (`sft-best-of-N`, --best_of_n: the reward model's worth with no RL). The table gives, as mean ± std over
+seeds (and each seed's value): the reward model's held-out accuracy (per flaw of the rejected answer on the synthetic
 tasks); per policy the ground-truth shares of answers that are correct, polite and both (synthetic tasks; checked by
-code, simple_rlhf.synthetic.check_synthetic_answer) or the reward model's win rate over SFT (hh), the KL to the SFT policy, the
-mean length and the EOS rate; the wall time of each step. Finished steps are reused (train.py's own skip); --force
-trains again; so `--seeds 1`, then `--seeds 2`, ... add one seed per call (each call short, the last prints all).
+code, simple_rlhf.synthetic.check_synthetic_answer) and the reward model's agreement with that ground truth on the
+policy's own answers (rm_auc, rm_auc_correct), the reward model's win rate over SFT, the KL to the SFT policy (for
+best-of-N its analytic bound, kl_to_reference_bound), the mean length and the EOS rate; the wall time of each step.
+Finished steps are reused (train.py's own skip); --force trains again; so `--seeds 1`, then `--seeds 2`, ... add one
+seed per call (each call short, the last prints all).
 --sft_args / --reward_args / --ppo_args / --eval_args are passed through. --estimators gae,rloo,grpo adds one PPO
 run per advantage estimator on each seed's SFT and reward models, evaluated beside the recipe's PPO.
 """
@@ -35,14 +38,16 @@ from simple_rlhf import data, errors, models, runs, synthetic  # noqa: E402
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HH_DATA = str(ROOT.parent / "shared" / "data" / "hh-rlhf-static")
-# Per task: train.py's preset, the dataset, which model the reward model starts from, the base policy, and the
-# evaluation's answer length (the PPO recipe's response_length).
+# Per task: train.py's preset, the dataset, which model the reward model starts from, the base policy, the
+# evaluation's answer length (the PPO recipe's response_length) and its default best-of-N (--best_of_n; small for the
+# quick demo, 0 for hh, whose 48-token answers make N samples per prompt a long job on a CPU).
 TASKS = {
     "demo": dict(preset="demo", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=models.BUILTIN_MODEL,
-                 response_length=10),
+                 response_length=10, best_of_n=4),
     "smollm2-synthetic": dict(preset="smollm2", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=None,
-                              response_length=16),
+                              response_length=16, best_of_n=16),
     "smollm2-hh": dict(preset="smollm2", dataset=HH_DATA, reward_model="recipe", base=None, response_length=48,
+                       best_of_n=0,
                        sft_args="--max_length 256", reward_args="--max_length 256",
                        ppo_args="--max_prompt_length 192 --response_length 48"),
 }
@@ -66,7 +71,14 @@ class LearningArguments:
         "help": "Advantage estimators to compare, e.g. gae,rloo,grpo: after each seed's three steps, one more PPO "
                 "run per estimator (same SFT and reward models, same arguments, only --advantage_estimator differs) "
                 "into seed-S/ppo-E, evaluated as policy ppo-E. Empty: the recipe's PPO alone."})
+    best_of_n: int | None = field(default=None, metadata={
+        "help": "Evaluate the SFT policy's best of N answers per prompt by the reward model as policy sft-best-of-N "
+                "(evaluate.py --best_of_n). Default: the task's (demo 4, smollm2-synthetic 16, smollm2-hh 0); 0: off."})
     force: bool = field(default=False, metadata={"help": "Train every step again, even where a run finished."})
+
+
+def best_of_n(args: LearningArguments) -> int:
+    return TASKS[args.task]["best_of_n"] if args.best_of_n is None else args.best_of_n
 
 
 def validate(args: LearningArguments) -> None:
@@ -74,6 +86,8 @@ def validate(args: LearningArguments) -> None:
         raise errors.UserError(f"--task {args.task}: use one of {', '.join(TASKS)}")
     if args.seeds < 1:
         raise errors.UserError(f"--seeds {args.seeds}: must be at least 1")
+    if args.best_of_n is not None and args.best_of_n < 0:
+        raise errors.UserError(f"--best_of_n {args.best_of_n}: must be at least 0 (0: off)")
     if args.task == "smollm2-hh" and not Path(HH_DATA, "train.jsonl").exists():
         raise errors.UserError(f"--task smollm2-hh: {HH_DATA}/train.jsonl is absent")
     if args.task != "demo" and data.looks_like_local_path(args.model_path) and not Path(args.model_path).is_dir():
@@ -154,7 +168,7 @@ def eval_command(args: LearningArguments, folder: Path) -> list[str]:
     return [sys.executable, str(ROOT / "evaluate.py"), "--dataset_name", task["dataset"],
             "--reward_model_path", outputs["reward"], "--policies", *policies, "--max_prompts", str(args.max_prompts),
             "--response_length", str(task["response_length"]), "--output_dir", str(folder / "eval"),
-            *shlex.split(args.eval_args)]
+            *(["--best_of_n", str(best_of_n(args))] if best_of_n(args) else []), *shlex.split(args.eval_args)]
 
 
 def run(command: list[str], log: Path) -> float:
@@ -179,16 +193,18 @@ def run(command: list[str], log: Path) -> float:
     return time.time() - started
 
 
-def seed_numbers(args: LearningArguments, folder: Path, eval_seconds: float) -> dict[str, float]:
-    """One seed's row of numbers, flat: what the table shows."""
+def seed_numbers(args: LearningArguments, folder: Path, eval_seconds: float) -> dict[str, float | None]:
+    """One seed's row of numbers, flat: what the table shows (None: no number, e.g. an AUC with one class empty)."""
     summary = json.loads((folder / "summary.json").read_text())
     results = json.loads((folder / "eval" / "eval_results.json").read_text())
     numbers = {"reward accuracy (held-out)": results["reward"]["eval_accuracy"]}
     for flaw, value in results["reward"].get("accuracy_by_flaw", {}).items():
         numbers[f"reward accuracy, rejected {flaw}"] = value
-    columns = ["correct_rate", "polite_rate", "both_rate", "win_rate_vs_sft", "kl_to_reference", "mean_length",
-               "eos_rate", "reward_mean"]
-    policies = [*POLICIES, *(f"ppo-{e}" for e in estimator_list(args))]
+    columns = ["correct_rate", "polite_rate", "both_rate", "rm_auc", "rm_auc_correct", "win_rate_vs_sft",
+               "kl_to_reference", "kl_to_reference_bound", "mean_length", "eos_rate", "reward_mean"]
+    # The best-of-N row (evaluate.py names it sft-best-of-N) after the trained policies.
+    policies = [*POLICIES, *(f"ppo-{e}" for e in estimator_list(args)),
+                *(name for name, p in results["policies"].items() if "best_of_n" in p)]
     for name in policies:
         for column in columns:
             if column in results["policies"][name]:
@@ -206,15 +222,20 @@ def seed_numbers(args: LearningArguments, folder: Path, eval_seconds: float) -> 
     return numbers
 
 
-def summarise(per_seed: list[dict[str, float]]) -> list[list[str]]:
-    """Rows of the table: quantity, mean ± std over seeds, and each seed's value."""
+def summarise(per_seed: list[dict[str, float | None]]) -> list[list[str]]:
+    """Rows of the table: quantity, mean ± std over the seeds that have a number, and each seed's value ('-' where
+    a seed has none: an AUC with one class empty, a quantity a seed did not measure)."""
     rows = [["quantity", "mean ± std"] + [f"seed {i + 1}" for i in range(len(per_seed))]]
-    for key in per_seed[0]:
-        values = [numbers[key] for numbers in per_seed if key in numbers]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    for key in dict.fromkeys(key for numbers in per_seed for key in numbers):
+        values = [numbers.get(key) for numbers in per_seed]
+        present = [v for v in values if v is not None]
         digits = 1 if key.startswith("time") else 3
-        rows.append([key, f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"] +
-                    [f"{v:.{digits}f}" for v in values])
+        if present:
+            spread = statistics.stdev(present) if len(present) > 1 else 0.0
+            summary = f"{statistics.mean(present):.{digits}f} ± {spread:.{digits}f}"
+        else:
+            summary = "-"
+        rows.append([key, summary] + ["-" if v is None else f"{v:.{digits}f}" for v in values])
     return rows
 
 
@@ -238,14 +259,21 @@ def main(args: LearningArguments) -> list[dict]:
             runs.write_json(timing, {"eval_s": seconds, "command": command})
         per_seed.append(seed_numbers(args, folder, json.loads(timing.read_text())["eval_s"]))
     print(f"\n{args.task}: {args.seeds} seed(s); policies sampled at temperature 1 on {args.max_prompts} held-out "
-          "prompts; KL to the SFT policy")
+          "prompts; KL to the SFT policy" + (f"; sft-best-of-{best_of_n(args)}: the SFT policy's best of "
+                                              f"{best_of_n(args)} answers by the reward model, its KL the analytic "
+                                              "bound log N - (N-1)/N" if best_of_n(args) else ""))
     runs.print_table(summarise(per_seed))
     runs.write_json(root / "learning.json", {"task": args.task, "args": vars(args), "per_seed": per_seed})
     print(f"\nall numbers: {root / 'learning.json'}")
     return per_seed
 
 
-if __name__ == "__main__":
+def make_parser():
+    """This script's parser, for tests and tools that read its options."""
     from transformers import HfArgumentParser
 
-    main(HfArgumentParser(LearningArguments).parse_args_into_dataclasses()[0])
+    return HfArgumentParser(LearningArguments)
+
+
+if __name__ == "__main__":
+    main(make_parser().parse_args_into_dataclasses()[0])

@@ -43,6 +43,7 @@ def test_eval_command_compares_base_sft_and_ppo(tmp_path):
     (dict(task="smollm2-synthetic", model_path="/no/such/folder"), "--model_path /no/such/folder: no such folder"),
     (dict(ppo_args="--x 'open"), "--ppo_args"),
     (dict(estimators="rloo,ppo"), "--estimators rloo,ppo: ppo is not one of gae, rloo, grpo"),
+    (dict(best_of_n=-2), "--best_of_n -2: must be at least 0 (0: off)"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -137,3 +138,39 @@ def test_estimator_run_trained_again_replaces_the_finished_one_only_once_it_fini
     assert (finished / "adapter_model.safetensors").read_text() == "new"
     assert json.loads((finished / "bench_done.json").read_text()) == {"duration_s": 7.0}
     assert not (tmp_path / "ppo-rloo.new").exists()
+
+
+def test_best_of_n_goes_to_the_evaluation_and_its_row_and_rm_auc_join_the_table(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": [
+        {"step": "sft", "output": "S", "duration_s": 1.0}, {"step": "reward", "output": "R", "duration_s": 2.0},
+        {"step": "ppo", "output": "P", "duration_s": 3.0}]}))
+
+    def best_of_n_flag(**options):
+        command = learning.eval_command(learning.LearningArguments(**options), tmp_path)
+        return command[command.index("--best_of_n") + 1] if "--best_of_n" in command else None
+
+    assert best_of_n_flag(task="demo") == "4" and best_of_n_flag(task="smollm2-synthetic", model_path="M") == "16"
+    assert best_of_n_flag(task="demo", best_of_n=8) == "8" and best_of_n_flag(task="demo", best_of_n=0) is None
+    command = learning.eval_command(learning.LearningArguments(task="demo", eval_args="--best_of_n 2"), tmp_path)
+    assert command[-2:] == ["--best_of_n", "2"]  # the user's --eval_args have the last word
+
+    def seed(folder, sft_auc, best_auc):
+        (folder / "eval").mkdir(parents=True)
+        (folder / "summary.json").write_text((tmp_path / "summary.json").read_text())
+        policy = lambda both, auc: {"both_rate": both, "rm_auc": auc, "rm_auc_correct": auc, "kl_to_reference": 0.5}
+        best = {"both_rate": 0.4, "rm_auc": best_auc, "rm_auc_correct": 0.9, "best_of": "sft", "best_of_n": 4,
+                "kl_to_reference_bound": 0.636, "win_rate_vs_sft": 0.8}
+        (folder / "eval" / "eval_results.json").write_text(json.dumps({"reward": {"eval_accuracy": 0.8}, "policies": {
+            "base": policy(0.0, None), "sft": policy(0.2, sft_auc), "ppo": policy(0.1, 0.5), "sft-best-of-4": best}}))
+        return learning.seed_numbers(learning.LearningArguments(task="demo"), folder, 5.0)
+
+    per_seed = [seed(tmp_path / "1", 0.8, None), seed(tmp_path / "2", 0.6, 0.7)]
+    assert per_seed[0]["sft-best-of-4 - sft both_rate"] == pytest.approx(0.2)
+    assert per_seed[0]["sft-best-of-4 kl_to_reference_bound"] == 0.636 and per_seed[0]["base rm_auc"] is None
+    rows = {row[0]: row[1:] for row in learning.summarise(per_seed)}
+    assert rows["sft rm_auc"] == ["0.700 ± 0.141", "0.800", "0.600"]
+    assert rows["sft-best-of-4 rm_auc"] == ["0.700 ± 0.000", "-", "0.700"]  # over the seeds that have one
+    assert rows["base rm_auc"] == ["-", "-", "-"]
+    assert rows["sft-best-of-4 win_rate_vs_sft"] == ["0.800 ± 0.000", "0.800", "0.800"]
+    names = [row[0] for row in learning.summarise(per_seed)]
+    assert names.index("sft-best-of-4 both_rate") > names.index("ppo both_rate")  # after the trained policies
