@@ -4,12 +4,13 @@
     python bench/memory.py --config recipes/opt-1.3b/sft.yaml --per_device_train_batch_size 16 --gpu_memory_gb 24
     python bench/memory.py --config recipes/opt-1.3b/reward.yaml --gradient_checkpointing false \
         --accelerate_config none                      # plain `python reward.py ...`: no DeepSpeed
+    python bench/memory.py --config recipes/opt-1.3b/dpo.yaml   # dpo.py: the one-step alternative to steps 2 and 3
     python bench/memory.py --validate                 # the arithmetic against torch's allocations on this CPU
 
-The step (sft, reward, ppo) is the config file's name, or --step. Every option of the step works as in the step
+The step (sft, reward, ppo, dpo) is the config file's name, or --step. Every option of the step works as in the step
 itself (same YAML, same overrides). Model sizes come from each model's config.json: a local folder, the hub cache,
-or ../shared/model-configs for a hub id; a PPO recipe's step-1/step-2 outputs that do not exist yet are sized from
-the sibling sft.yaml / reward.yaml of the recipe. The arithmetic is in memory_plan.py.
+or ../shared/model-configs for a hub id; a PPO or DPO recipe's step-1/step-2 outputs that do not exist yet are sized
+from the sibling sft.yaml / reward.yaml of the recipe. The arithmetic is in memory_plan.py.
 """
 
 import sys
@@ -27,7 +28,8 @@ from simple_rlhf.memory import GIB  # noqa: E402
 class MemoryArguments:
     """Options of the planner itself (the step's own options come from its YAML and flags)."""
 
-    step: str | None = field(default=None, metadata={"help": "sft, reward or ppo (default: the --config file's name)."})
+    step: str | None = field(default=None, metadata={"help": "sft, reward, ppo or dpo (default: the --config file's "
+                             "name)."})
     gpu_memory_gb: float = field(default=24.0, metadata={"help": "The GPU's memory in GiB (nvidia-smi's total)."})
     accelerate_config: str = field(default="accelerate_config.yaml", metadata={
         "help": "The accelerate config the step is launched with (DeepSpeed stage, offload, processes); 'none' for "
@@ -36,7 +38,14 @@ class MemoryArguments:
                            "allocations for small models on this CPU (bench/memory_validate.py) and exit."})
 
 
+PLANNED_STEPS = (*data.STEPS, "dpo")
+
+
 def step_arguments(step: str):
+    if step == "dpo":
+        import dpo
+
+        return dpo.ARGUMENTS
     if step == "sft":
         import sft
 
@@ -74,11 +83,12 @@ def sibling_model(config_path: str | None, step: str) -> str | None:
     return (yaml.safe_load(sibling.read_text()) or {}).get("model_name_or_path")
 
 
-def fill_ppo_models(args, argv) -> list[str]:
-    """PPO's sft/reward paths that don't exist yet (a recipe before steps 1-2): size them from the recipe."""
+def fill_ppo_models(args, argv, fields=(("sft_model_path", "sft"), ("reward_model_path", "reward"))) -> list[str]:
+    """PPO's sft/reward paths (DPO's model_name_or_path) that don't exist yet (a recipe before steps 1-2): size them
+    from the recipe."""
     notes = []
     config_path = argv[argv.index("--config") + 1] if "--config" in argv else None
-    for attr, step in (("sft_model_path", "sft"), ("reward_model_path", "reward")):
+    for attr, step in fields:
         path = getattr(args, attr)
         if path and not Path(path).exists() and path.startswith(("out/", "./", "/")):
             stand_in = sibling_model(config_path, step)
@@ -121,16 +131,17 @@ def main(argv=None):
 
         return memory_validate.main()
     step = guess_step(argv)
-    if step not in data.STEPS:
-        raise SystemExit(f"error: cannot tell the step from {step!r}; give --config recipes/X/(sft|reward|ppo).yaml "
-                         "or --step sft|reward|ppo")
+    if step not in PLANNED_STEPS:
+        raise SystemExit(f"error: cannot tell the step from {step!r}; give --config recipes/X/(sft|reward|ppo|dpo).yaml"
+                         " or --step sft|reward|ppo|dpo")
     # The recipe's model folders need not exist yet: the plan is made before step 1 has run.
     parsed = errors.exit_on_user_error(arguments.validate_args)((MemoryArguments, *step_arguments(step)), argv,
                                                              check_paths=False)
     options, args, model_args = parsed[0], parsed[-2], parsed[-1]
     try:
         launch = memory.launch_from_file(options.accelerate_config)
-        notes = fill_ppo_models(args, argv) if step == "ppo" else []
+        notes = fill_ppo_models(args, argv) if step == "ppo" else \
+            fill_ppo_models(model_args, argv, (("model_name_or_path", "sft"),)) if step == "dpo" else []
         setup = memory_plan.setup_from_args(step, args, model_args, launch,
                                             same_tokenizer(args) if step == "ppo" else True)
         plan = memory_plan.make_plan(setup)

@@ -4,12 +4,13 @@
     python bench/memory_validate.py --cases 0 3      # some of them
     python bench/memory.py --validate                # the same
 
-Each case runs in its own process: the step's real code (TRL's SFTTrainer / RewardTrainer as sft.py and reward.py
-build them, or ppo.main itself) on a random-weight model, two optimizer steps, sequences of exactly the planned
-length, plain python (no DeepSpeed), under torch.profiler with profile_memory=True. The measured peak is the largest
-number of bytes of live tensors at any moment: the model's tensors, built before profiling, plus the profiler's
-running total of what the CPU allocator handed out and took back. The prediction is memory_plan's peak of tensors
-(Plan.allocated: everything but the margin, which only a GPU can confirm) for the same arguments.
+Each case runs in its own process: the step's real code (TRL's SFTTrainer / RewardTrainer / DPOTrainer as sft.py,
+reward.py and dpo.py build them, or ppo.main itself) on a random-weight model, two optimizer steps, sequences of
+exactly the planned length, plain python (no DeepSpeed), under torch.profiler with profile_memory=True. The
+measured peak is the largest number of bytes of live tensors at any moment: the model's tensors, built before
+profiling, plus the profiler's running total of what the CPU allocator handed out and took back. The prediction is
+memory_plan's peak of tensors (Plan.allocated: everything but the margin, which only a GPU can confirm) for the same
+arguments.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ CASES = [
     Case("ppo", use_peft=True, gradient_checkpointing=True, batch=2, length=64, response=32, generation_batch=4),
     Case("ppo", use_peft=True, batch=2, length=64, response=32, generation_batch=2),
     Case("ppo", batch=2, length=64, response=32, generation_batch=2),
+    Case("dpo", batch=2),  # full fine-tuning: the reference is a frozen copy
+    Case("dpo", use_peft=True, gradient_checkpointing=True, batch=2),  # the reference is the policy, LoRA off
 ]
 
 
@@ -126,14 +129,17 @@ def random_rows(case: Case, vocab: int, n: int, seed: int = 0) -> list[dict]:
     if case.step == "sft":
         return [{"input_ids": ids(case.length), "completion_mask": [0] * half + [1] * (case.length - half)}
                 for _ in range(n)]
+    if case.step == "dpo":
+        answer = case.length - half
+        return [{"prompt_ids": ids(half), "chosen_ids": ids(answer), "rejected_ids": ids(answer)} for _ in range(n)]
     return [{"chosen_ids": (p := ids(half)) + ids(case.length - half), "rejected_ids": p + ids(case.length - half)}
             for _ in range(n)]
 
 
 def trainer_arguments(case: Case, arch: Path, output_dir: str):
-    from trl import ModelConfig, RewardConfig, SFTConfig
+    from trl import DPOConfig, ModelConfig, RewardConfig, SFTConfig
 
-    config_class = SFTConfig if case.step == "sft" else RewardConfig
+    config_class = {"sft": SFTConfig, "dpo": DPOConfig}.get(case.step, RewardConfig)
     args = config_class(output_dir=output_dir, per_device_train_batch_size=case.batch,
                         gradient_accumulation_steps=case.accumulation,
                         max_steps=2, bf16=case.dtype == "bfloat16", use_cpu=True,
@@ -146,31 +152,43 @@ def trainer_arguments(case: Case, arch: Path, output_dir: str):
 
 
 def measure_trainer_step(case: Case, arch: Path) -> dict:
-    """sft.py / reward.py's trainer on random weights: (predicted, measured) peak bytes of live tensors."""
+    """sft.py / reward.py / dpo.py's trainer on random weights: (predicted, measured) peak bytes of live tensors."""
     import datasets
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-    from trl import RewardTrainer, SFTTrainer, get_peft_config
+    from trl import DPOTrainer, RewardTrainer, SFTTrainer, get_peft_config
+
+    class PreTokenizedDPOTrainer(DPOTrainer):  # as dpo.py's: the rows are tokenized already
+        def _prepare_dataset(self, dataset, *args):
+            return dataset
 
     tokenizer = models.load_tokenizer(str(arch))
     config = AutoConfig.from_pretrained(arch)
     with tempfile.TemporaryDirectory() as tmp:
         args, model_args = trainer_arguments(case, arch, tmp)
         torch.manual_seed(0)
-        if case.step == "sft":
+        extra = {}
+        if case.step in ("sft", "dpo"):
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, case.dtype))
             trainer_class = SFTTrainer
+            if case.step == "dpo":  # full fine-tuning: a frozen copy as the reference, as dpo.py loads it
+                trainer_class = PreTokenizedDPOTrainer
+                extra["ref_model"] = None if case.use_peft else \
+                    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, case.dtype))
+                for built in (model, extra["ref_model"]):  # dpo.py turns OPT's functional dropout off too
+                    if built is not None:
+                        models.disable_dropout(built)
         else:
             config.num_labels = 1
             model = AutoModelForSequenceClassification.from_config(config, dtype=getattr(torch, case.dtype))
             trainer_class = RewardTrainer
             model_args.lora_task_type = "SEQ_CLS"  # as reward.py does
         rows = datasets.Dataset.from_list(random_rows(case, config.vocab_size, 4 * case.batch))
-        static = tensor_bytes(model)
+        static = tensor_bytes(model, *[m for m in extra.values() if m is not None])
 
         def run():
             trainer = trainer_class(model=model, args=args, train_dataset=rows, processing_class=tokenizer,
-                                    peft_config=get_peft_config(model_args))
+                                    peft_config=get_peft_config(model_args), **extra)
             trainer.train()
 
         measured = static + profiled_peak(run)

@@ -17,7 +17,7 @@ class Setup:
     """Everything the plan depends on, normalised from a step's arguments (see setup_from_args)."""
 
     step: str
-    models: dict  # name -> path of the model(s): sft/reward: {'model': ...}; ppo: {'sft': ..., 'reward': ...}
+    models: dict  # name -> path of the model(s): sft/reward/dpo: {'model': ...}; ppo: {'sft': ..., 'reward': ...}
     launch: memory.Launch
     dtype: str | None = "bfloat16"
     use_peft: bool = False
@@ -28,13 +28,15 @@ class Setup:
     gradient_checkpointing: bool = False
     micro_batch: int = 8
     eval_batch: int = 8
-    max_length: int = 512  # sft / reward
+    max_length: int = 512  # sft / reward / dpo
     max_prompt_length: int = 256  # ppo
     response_length: int = 256
     generation_batch: int = 8
     other_tokenizer: bool = False  # ppo: the reward model reads other tokens, so the critic starts from the SFT model
     critic_free: bool = False  # ppo: --advantage_estimator rloo / grpo, no critic at all
     device: str = "cuda"  # "cpu": the CPU code paths (for bench/memory_validate.py)
+    dropout_off: bool = True  # dpo: --disable_dropout (TRL's default)
+    precompute_ref: bool = False  # dpo: --precompute_ref_log_probs, so full fine-tuning keeps no reference copy
 
 
 @dataclass
@@ -124,6 +126,61 @@ def plan_trainer_step(setup: Setup) -> tuple[list, dict, list]:
 def _config_dropout(name: str) -> float:
     config = memory._config_for(name)
     return float(getattr(config, "dropout", 0.0) or getattr(config, "hidden_dropout", 0.0) or 0.0)
+
+
+def plan_dpo(setup: Setup) -> tuple[list, dict, list]:
+    """dpo.py: the policy trained by TRL's DPOTrainer, chosen and rejected in one batch (2 x micro-batch), and the
+    reference: with LoRA the policy with its adapter off (no copy), in full fine-tuning a frozen copy (none when its
+    log-probs are precomputed). Each train step runs the policy forward, the reference forward without gradients
+    (while the policy's activations are saved), then backward; both forwards go through TRL's fused LM head."""
+    launch = setup.launch
+    m = _model(setup, setup.models["model"], False, True, launch)
+    lines = _static_lines("policy", m, launch)
+    copy = not setup.use_peft and not setup.precompute_ref
+    share = launch.processes if launch.zero_stage == 3 else 1
+    lines.append(Line("reference", "weights: the policy's, LoRA off" if setup.use_peft else
+                      f"weights ({m.dtype_bytes * 8}-bit), a frozen copy" if copy else "none (log-probs precomputed)",
+                      memory.weight_bytes(m) / share if copy else 0,
+                      note="" if copy else "shared" if setup.use_peft else "precomputed"))
+    lines.append(Line("policy", "DeepSpeed gradient bucket",
+                      memory.deepspeed_bucket_bytes(launch, memory.trainable_params(m))))
+    e, batch = _act_bytes(m, launch), 2 * setup.micro_batch
+    tokens, eval_tokens = batch * setup.max_length, 2 * setup.eval_batch * setup.max_length
+    dropout = 0.0 if setup.dropout_off else _config_dropout(m.arch.name)
+    acts = memory.training_activations(m, batch, setup.max_length, e, setup.gradient_checkpointing, dropout)
+    logits = memory.sft_logits_bytes(m.arch, tokens, e, not m.lora_r, setup.device)
+
+    def forward(n):  # a forward without gradients: one layer's transients and a tile of the fused LM head
+        return memory.forward_transient_bytes(m, n, e) + memory.sft_logits_bytes(m.arch, n, e, False, setup.device) - \
+            n * m.arch.hidden * 4
+
+    reference = 0 if setup.precompute_ref else forward(tokens)
+    phases = {"train": acts["saved"] + max(logits, acts["backward"], reference), "eval": forward(eval_tokens),
+              "optimizer step": memory.optimizer_step_bytes(m, launch)}
+    other = memory.training_activations(m, batch, setup.max_length, e, not setup.gradient_checkpointing, dropout)
+    checkpointed = setup.gradient_checkpointing
+    details = [("train", "policy", f"activations saved, checkpointed={checkpointed}", acts["saved"]),
+               ("train", "policy", f"activations saved, checkpointed={not checkpointed} (alternative)", other["saved"]),
+               ("train", "policy", "backward in flight" + (" + one layer recomputed" if checkpointed else ""),
+                acts["backward"]),
+               ("train", "policy", "log-probs (fused LM head tiles)", logits),
+               ("train", "reference", "forward without gradients" if reference else "none (precomputed)", reference),
+               ("eval", "policy / reference", f"forward without gradients (batch {setup.eval_batch} pairs)",
+                phases["eval"]),
+               ("optimizer step", "policy", "AdamW step temporaries", phases["optimizer step"])]
+    peak = max(phases, key=phases.get)
+    if peak == "train":
+        lines.append(Line("policy", f"activations (micro-batch {setup.micro_batch} pairs = {batch} x "
+                          f"{setup.max_length}, {'checkpointed' if checkpointed else 'all saved'})", acts["saved"]))
+        transient = max(logits, acts["backward"], reference)
+        what = "log-probs (fused LM head tiles)" if transient == logits else "reference forward" \
+            if transient == reference else "backward in flight"
+        lines.append(Line("reference" if transient == reference else "policy", what, transient))
+    elif peak == "eval":
+        lines.append(Line("policy", f"evaluation forward (batch {setup.eval_batch} pairs)", phases["eval"]))
+    else:
+        lines.append(Line("policy", "optimizer step temporaries", phases[peak]))
+    return lines, phases, details
 
 
 def plan_ppo(setup: Setup) -> tuple[list, dict, list]:
@@ -229,7 +286,8 @@ class Plan:
 
 
 def make_plan(setup: Setup) -> Plan:
-    lines, phases, details = plan_ppo(setup) if setup.step == "ppo" else plan_trainer_step(setup)
+    planner = {"ppo": plan_ppo, "dpo": plan_dpo}.get(setup.step, plan_trainer_step)
+    lines, phases, details = planner(setup)
     lines = [line for line in lines if line.gpu or line.cpu or line.note]
     allocated = sum(line.gpu for line in lines)
     margin = memory.margin_bytes(allocated)
@@ -297,8 +355,8 @@ def fitting_knobs(setup: Setup, gpu_bytes: float) -> list[tuple[list[str], Plan]
 
 
 def setup_from_args(step: str, args, model_args, launch: memory.Launch, same_tokenizer: bool = True) -> Setup:
-    """The Setup of a step from its parsed arguments (sft/reward: TRL's SFTConfig / RewardConfig; ppo: PPOArguments)
-    and TRL's ModelConfig."""
+    """The Setup of a step from its parsed arguments (sft/reward/dpo: TRL's SFTConfig / RewardConfig / DPOConfig;
+    ppo: PPOArguments) and TRL's ModelConfig."""
     common = dict(launch=launch, dtype=model_args.dtype, use_peft=bool(model_args.use_peft),
                   lora_r=model_args.lora_r, lora_targets=model_args.lora_target_modules,
                   lora_dropout=model_args.lora_dropout, load_in_4bit=bool(model_args.load_in_4bit),
@@ -315,6 +373,8 @@ def setup_from_args(step: str, args, model_args, launch: memory.Launch, same_tok
                      other_tokenizer=not same_tokenizer,
                      critic_free=getattr(args, "advantage_estimator", "gae") != "gae",
                      **common)
+    if step == "dpo":
+        common.update(dropout_off=bool(args.disable_dropout), precompute_ref=bool(args.precompute_ref_log_probs))
     return Setup(step=step, models={"model": model_args.model_name_or_path}, eval_batch=args.per_device_eval_batch_size,
                  max_length=args.max_length or 1024, **common)
 

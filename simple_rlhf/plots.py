@@ -1,14 +1,16 @@
 """PNG charts of each step's training curves, with matplotlib (no display needed).
 
     python plots.py out/demo/sft out/demo/reward out/demo/ppo    # writes <folder>/<step>_curves.png
+    python plots.py out/demo/dpo                                 # dpo_curves.png
 
 - `plot_sft(output_dir)`: train loss, eval loss and eval perplexity from the Trainer's log history;
 - `plot_reward(output_dir)`: train loss, eval accuracy and eval margin, likewise;
+- `plot_dpo(output_dir)`: dpo.py's train and eval loss, implicit-reward margin and accuracy, likewise;
 - `plot_ppo(output_dir)`: a grid of ppo.py's metrics.jsonl curves (score, RLHF reward, KL, entropy, losses, clip
   fractions), each drawn faint as logged with an exponential moving average over it, since PPO curves are noisy.
 
-The log history is read from output_dir/trainer_state.json (sft.py and reward.py write it at the end), else from the
-newest complete checkpoint's. Each function returns the PNG's path, or None when there is nothing to plot yet.
+The log history is read from output_dir/trainer_state.json (sft.py, reward.py and dpo.py write it at the end), else
+from the newest complete checkpoint's. Each function returns the PNG's path, or None when there is nothing to plot yet.
 """
 
 from __future__ import annotations
@@ -107,6 +109,15 @@ def plot_reward(output_dir: str | Path) -> Path | None:
     return _trainer_figure(output_dir, panels, f"Step 2, reward model: {output_dir}", "reward_curves.png")
 
 
+def plot_dpo(output_dir: str | Path) -> Path | None:
+    """dpo_curves.png: train and eval loss, and TRL's implicit reward (beta x log-ratio to the reference): the margin
+    of chosen over rejected and the accuracy (chosen above rejected), on the train batches and the eval rows."""
+    panels = {"Loss": [("loss", "train loss"), ("eval_loss", "eval loss")],
+              "Reward margin (chosen - rejected)": [("rewards/margins", "train"), ("eval_rewards/margins", "eval")],
+              "Reward accuracy": [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "eval")]}
+    return _trainer_figure(output_dir, panels, f"DPO: {output_dir}", "dpo_curves.png")
+
+
 def plot_ppo(output_dir: str | Path, smoothing: float | None = None) -> Path | None:
     """ppo_curves.png from output_dir/metrics.jsonl: raw curves faint, their EMA bold.
 
@@ -146,20 +157,23 @@ def plot_ppo(output_dir: str | Path, smoothing: float | None = None) -> Path | N
     return path
 
 
-PLOTTERS = {"sft": plot_sft, "reward": plot_reward, "ppo": plot_ppo}
+PLOTTERS = {"sft": plot_sft, "reward": plot_reward, "ppo": plot_ppo, "dpo": plot_dpo}
 
 
 def plot_step(step: str, output_dir: str | Path) -> Path | None:
-    """The chart of step `step` (sft, reward or ppo) for its output folder."""
+    """The chart of step `step` (sft, reward, ppo or dpo) for its output folder."""
     return PLOTTERS[step](output_dir)
 
 
 def guess_step(output_dir: str | Path) -> str:
-    """Which step wrote a folder: ppo.py writes metrics.jsonl; reward.py's eval results hold eval_accuracy."""
+    """Which step wrote a folder: ppo.py writes metrics.jsonl; dpo.py logs rewards/margins; reward.py's eval results
+    hold eval_accuracy."""
     output_dir = Path(output_dir)
     if (output_dir / "metrics.jsonl").exists():
         return "ppo"
     history = load_log_history(output_dir)
+    if any("rewards/margins" in entry or "eval_rewards/margins" in entry for entry in history):
+        return "dpo"
     return "reward" if any("eval_accuracy" in entry or "eval_margin" in entry for entry in history) else "sft"
 
 
@@ -169,7 +183,7 @@ def main(folders: list[str]) -> None:
         raise UserError("give one or more step output folders, e.g. python plots.py out/demo/sft")
     for folder in folders:
         if not Path(folder).is_dir():
-            raise UserError(f"{folder}: no such folder; give the output_dir of sft.py, reward.py or ppo.py")
+            raise UserError(f"{folder}: no such folder; give the output_dir of sft.py, reward.py, ppo.py or dpo.py")
         path = plot_step(guess_step(folder), folder)
         print(path if path else f"{folder}: nothing to plot yet (no log history or metrics.jsonl)")
 

@@ -25,11 +25,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-STEP_SCRIPTS = ("sft.py", "reward.py", "ppo.py", "train.py", "evaluate.py", "chat.py")
+STEP_SCRIPTS = ("sft.py", "reward.py", "ppo.py", "dpo.py", "train.py", "evaluate.py", "chat.py")
 STEP_ARGS = {"--sft_args": "sft.py", "--reward_args": "reward.py", "--ppo_args": "ppo.py", "--eval_args": "evaluate.py"}
 # Scripts that also take every flag of others: bench/memory.py plans any step from its own flags, and
 # bench/ppo_step.py runs ppo.py's iteration.
-ALSO_TAKES = {"bench/memory.py": ("sft.py", "reward.py", "ppo.py"), "bench/ppo_step.py": ("ppo.py",)}
+ALSO_TAKES = {"bench/memory.py": ("sft.py", "reward.py", "ppo.py", "dpo.py"), "bench/ppo_step.py": ("ppo.py",)}
 
 FLAG = re.compile(r"--[A-Za-z][\w-]*")
 TOKEN = re.compile(r"""--[\w-]+=(?:"[^"]*"|'[^']*')|"[^"]*"|'[^']*'|\S+""")

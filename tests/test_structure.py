@@ -13,7 +13,7 @@ SCRIPTS = {path.stem for path in ROOT.glob("*.py")}  # sft, reward, ppo, train, 
 MAX_LINES = 560
 # bench scripts that measure ppo.py itself in-process: its own argument dataclass and loop (memory.py parses a step's
 # flags to plan it; memory_validate.py profiles ppo.main with the models handed in).
-READS_STEP_SCRIPTS = {"memory.py": {"sft", "reward", "ppo"}, "memory_validate.py": {"ppo"}}  # "about 500": ppo.py's loop and arguments stay readable in one file
+READS_STEP_SCRIPTS = {"memory.py": {"sft", "reward", "ppo", "dpo"}, "memory_validate.py": {"ppo"}}  # "about 500": ppo.py's loop and arguments stay readable in one file
 
 
 def imported_modules(path: Path) -> set[str]:
