@@ -185,18 +185,19 @@ def plan_dpo(setup: Setup) -> tuple[list, dict, list]:
 
 def plan_ppo(setup: Setup) -> tuple[list, dict, list]:
     """ppo.py: actor + reference (the actor with LoRA off), critic + reward model (the critic with LoRA off); with
-    a critic-free estimator (critic_free), the reward model alone."""
+    a critic-free estimator (critic_free), the reward model alone; without a reward model (reward functions only),
+    the critic (GAE) starts from the SFT policy."""
     launch = setup.launch
     actor = _model(setup, setup.models["sft"], False, True, launch)
-    reward = _model(setup, setup.models["reward"], True, False, launch)
+    reward = _model(setup, setup.models["reward"], True, False, launch) if setup.models.get("reward") else None
     # ppo.build_models: the critic is the reward model under its own LoRA unless --critic_model_path is given or
     # the reward model reads other tokens (then the SFT backbone); without LoRA it is a copy.
-    critic_path = setup.models.get("critic") or setup.models["sft" if setup.other_tokenizer else "reward"]
+    critic_path = setup.models.get("critic") or setup.models["sft" if setup.other_tokenizer or not reward else "reward"]
     critic = None if setup.critic_free else _model(setup, critic_path, True, True, launch)
     trained = [m for m in (actor, critic) if m is not None]
     both = "actor + critic" if critic else "actor"
     shared_ref = setup.use_peft
-    shared_reward = critic is not None and setup.use_peft and not setup.models.get("critic") and \
+    shared_reward = critic is not None and reward is not None and setup.use_peft and not setup.models.get("critic") and \
         not setup.other_tokenizer
     lines = _static_lines("actor", actor, launch)
     lines.append(Line("reference", "weights: the actor's, LoRA off" if shared_ref else
@@ -204,9 +205,10 @@ def plan_ppo(setup: Setup) -> tuple[list, dict, list]:
                       note="shared" if shared_ref else ""))
     if critic:
         lines += _static_lines("critic", critic, launch, weights=not shared_reward)
-    lines.append(Line("reward model", f"weights ({reward.dtype_bytes * 8 if not reward.quant_4bit else 4}-bit)" +
-                      (", also the critic's (its LoRA off)" if shared_reward else ""), memory.weight_bytes(reward),
-                      note="shared" if shared_reward else ""))
+    if reward is not None:
+        lines.append(Line("reward model", f"weights ({reward.dtype_bytes * 8 if not reward.quant_4bit else 4}-bit)" +
+                          (", also the critic's (its LoRA off)" if shared_reward else ""), memory.weight_bytes(reward),
+                          note="shared" if shared_reward else ""))
     trainable = sum(memory.trainable_params(m) for m in trained)
     lines.append(Line(both, "DeepSpeed gradient bucket", memory.deepspeed_bucket_bytes(launch, trainable)))
 
@@ -223,7 +225,7 @@ def plan_ppo(setup: Setup) -> tuple[list, dict, list]:
     kv = memory.kv_cache_bytes(actor.arch, g, length, e)
     peak_generate = kv + memory.forward_transient_bytes(actor, g * setup.max_prompt_length, e) + g * actor.arch.vocab * 8
     peak_score = max(memory.scoring_logits_bytes(actor.arch, g, length, r, e) + memory.forward_transient_bytes(actor, g * length, e),
-                     memory.forward_transient_bytes(critic or reward, g * length, e))
+                     memory.forward_transient_bytes(critic or reward or actor, g * length, e))
     phases = {"train": peak_train, "generate": peak_generate, "score": peak_score,
               "optimizer step": sum(memory.optimizer_step_bytes(m, launch) for m in trained)}
     checkpointed = setup.gradient_checkpointing

@@ -16,10 +16,13 @@ from the newest complete checkpoint's. Each function returns the PNG's path, or 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from simple_rlhf.errors import UserError, exit_on_user_error
 from simple_rlhf import runs
+
+logger = logging.getLogger("simple_rlhf")
 
 PPO_PANELS = (  # (metrics.jsonl key, panel title, y label)
     ("objective/scores", "Reward model score", "mean score"),
@@ -90,7 +93,7 @@ def _trainer_figure(output_dir, panels, title: str, filename: str) -> Path | Non
     figure.suptitle(title)
     figure.tight_layout()
     path = Path(output_dir) / filename
-    figure.savefig(path, dpi=80)
+    path = _save(figure, path, 80)
     plt.close(figure)
     return path
 
@@ -133,7 +136,9 @@ def plot_ppo(output_dir: str | Path, smoothing: float | None = None) -> Path | N
     alpha = smoothing or min(1.0, max(0.02, 10 / len(rows)))
     # Only the curves the run logged: rloo and grpo train no critic, so they have no value-loss panels.
     panels = [panel for panel in PPO_PANELS if any(panel[0] in row for row in rows)] or list(PPO_PANELS[:1])
-    columns = (len(panels) + 1) // 2
+    # With several reward sources (ppo.py --reward_funcs), one more panel holds them all: gold against proxy.
+    sources = sorted({key for row in rows for key in row if key.startswith("rewards/")})
+    columns = (len(panels) + (len(sources) > 1) + 1) // 2
     plt = _pyplot()
     figure, axes = plt.subplots(2, columns, figsize=(4 * columns, 7), squeeze=False)
     for axis in axes.flat[len(panels):]:
@@ -149,11 +154,33 @@ def plot_ppo(output_dir: str | Path, smoothing: float | None = None) -> Path | N
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     axes.flat[0].legend()
+    if len(sources) > 1:
+        axis = axes.flat[len(panels)]
+        axis.set_visible(True)
+        for color, key in zip(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"), sources):
+            steps, values = zip(*[(row["step"], row[key]) for row in rows if key in row])
+            axis.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+            axis.plot(steps, ema(list(values), alpha), color=color, linewidth=2, label=key.split("/", 1)[1])
+        axis.set_title("reward sources (gold vs proxy)")
+        axis.set_xlabel("PPO step")
+        axis.set_ylabel("mean reward")
+        axis.grid(alpha=0.3)
+        axis.legend()
     figure.suptitle(f"Step 3, PPO: {output_dir} ({len(rows)} steps)")
     figure.tight_layout()
-    path = Path(output_dir) / "ppo_curves.png"
-    figure.savefig(path, dpi=70)
+    path = _save(figure, Path(output_dir) / "ppo_curves.png", 70)
     plt.close(figure)
+    return path
+
+
+def _save(figure, path: Path, dpi: int) -> Path | None:
+    """Write a chart; a chart that cannot be written (a full disk) is a warning, not a failed run: the model and
+    the metrics it is drawn from are what the run is for."""
+    try:
+        figure.savefig(path, dpi=dpi)
+    except OSError as error:
+        logger.warning(f"could not write the chart {path} ({error.strerror or error}); the run's outputs are complete")
+        return None
     return path
 
 
