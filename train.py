@@ -1,6 +1,7 @@
-"""All three RLHF steps in one command: SFT -> reward model -> PPO, each an `accelerate launch` subprocess.
+"""All the steps in one command: SFT -> reward model -> PPO (or SFT -> DPO), each an `accelerate launch` subprocess.
 
     python train.py --preset demo                          # offline, CPU, a few minutes -> out/demo/{sft,reward,ppo}
+    python train.py --preset demo --method dpo             # SFT -> DPO -> out/demo/{sft,dpo}
     python train.py --preset opt-1.3b                      # the 24 GB GPU recipe (reward model OPT-350m)
     python train.py --preset opt-1.3b --reward_model facebook/opt-1.3b
     python train.py --preset demo --steps 3 --ppo_args "--max_steps 80 --kl_coef 0.1"
@@ -35,8 +36,9 @@ from pathlib import Path
 from simple_rlhf import arguments, data, errors, plots, runs
 
 ROOT = Path(__file__).resolve().parent
-STEP_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
-SCRIPTS = {"sft": "sft.py", "reward": "reward.py", "ppo": "ppo.py"}
+# The steps of each method, by number: SFT -> reward model -> PPO, or SFT -> DPO.
+METHODS = {"ppo": {1: "sft", 2: "reward", 3: "ppo"}, "dpo": {1: "sft", 2: "dpo"}}
+SCRIPTS = {"sft": "sft.py", "reward": "reward.py", "ppo": "ppo.py", "dpo": "dpo.py"}
 DONE_FILE = "step_complete.json"
 TAIL_LINES = 20
 
@@ -46,8 +48,11 @@ class TrainArguments:
     preset: str = field(default="demo", metadata={
         "help": "Which recipes to run: recipes/PRESET/{sft,reward,ppo}.yaml. `demo` (offline tiny model, CPU) or "
                 "`opt-1.3b` (OPT-1.3b on one 24 GB GPU)."})
-    steps: list[int] = field(default_factory=lambda: [1, 2, 3], metadata={
-        "help": "The steps to run, e.g. `--steps 2 3`; a later step uses the earlier steps' outputs in OUTPUT_DIR."})
+    method: str = field(default="ppo", metadata={
+        "help": "ppo: SFT -> reward model -> PPO (steps 1 2 3); dpo: SFT -> DPO (steps 1 2), recipes/PRESET/dpo.yaml."})
+    steps: list[int] | None = field(default=None, metadata={
+        "help": "The steps to run (default: all of the method's), e.g. `--steps 2 3`; a later step uses the earlier "
+                "steps' outputs in OUTPUT_DIR."})
     output_dir: str | None = field(default=None, metadata={
         "help": "The root folder (default out/PRESET): each step writes OUTPUT_DIR/sft, /reward, /ppo; logs, plots and "
                 "summary.json go next to them."})
@@ -60,6 +65,8 @@ class TrainArguments:
     sft_args: str = field(default="", metadata={"help": "Extra arguments for sft.py, e.g. \"--lora_r 16\"."})
     reward_args: str = field(default="", metadata={"help": "Extra arguments for reward.py."})
     ppo_args: str = field(default="", metadata={"help": "Extra arguments for ppo.py, e.g. \"--max_steps 80\"."})
+    dpo_args: str = field(default="", metadata={"help": "Extra arguments for dpo.py (--method dpo), e.g. \"--beta "
+                                                  "0.2\"."})
     force: bool = field(default=False, metadata={
         "help": "Re-run the chosen steps from scratch even if they finished; each is built in OUTPUT_DIR/<step>.new "
                 "and replaces the old folder only once it finished."})
@@ -74,9 +81,18 @@ def validate(args: TrainArguments) -> dict[str, list[str]]:
     if not recipes.is_dir():
         known = ", ".join(sorted(p.name for p in (ROOT / "recipes").iterdir() if p.is_dir()))
         raise errors.UserError(f"--preset {args.preset}: no folder recipes/{args.preset}; use one of {known}")
-    bad = [s for s in args.steps if s not in STEP_NAMES]
+    if args.method not in METHODS:
+        raise errors.UserError(f"--method {args.method}: use ppo (SFT -> reward model -> PPO) or dpo (SFT -> DPO)")
+    step_names = METHODS[args.method]
+    args.steps = list(step_names) if args.steps is None else args.steps
+    bad = [s for s in args.steps if s not in step_names]
     if bad or not args.steps:
-        raise errors.UserError(f"--steps {' '.join(map(str, args.steps))}: give some of 1 (sft), 2 (reward), 3 (ppo)")
+        named = ", ".join(f"{n} ({name})" for n, name in step_names.items())
+        raise errors.UserError(f"--steps {' '.join(map(str, args.steps))}: give some of {named} (--method "
+                               f"{args.method})")
+    if not (recipes / f"{step_names[max(step_names)]}.yaml").is_file():
+        raise errors.UserError(f"--method {args.method}: recipes/{args.preset} has no "
+                               f"{step_names[max(step_names)]}.yaml")
     if args.accelerate_config != "none" and not Path(args.accelerate_config).is_file() and \
             (ROOT / args.accelerate_config).is_file():
         args.accelerate_config = str(ROOT / args.accelerate_config)  # the default, run from another folder
@@ -84,7 +100,7 @@ def validate(args: TrainArguments) -> dict[str, list[str]]:
         raise errors.UserError(f"--accelerate_config {args.accelerate_config}: no such file; give an accelerate "
                                "config (e.g. accelerate_config.yaml, configs/ddp.yaml) or `none` for plain python")
     extra = {}
-    for name in STEP_NAMES.values():
+    for name in step_names.values():
         try:
             extra[name] = shlex.split(getattr(args, f"{name}_args"))
         except ValueError as error:
@@ -109,18 +125,20 @@ def step_inputs(args: TrainArguments, name: str, extra: dict[str, list[str]]) ->
     """(earlier step, flag) pairs: which outputs a step takes, and through which flag. A flag the user sets in the
     step's extra arguments is theirs to fill."""
     wanted = {"sft": [], "reward": [("sft", "--model_name_or_path")] if reward_choice(args) == "sft" else [],
-              "ppo": [("sft", "--sft_model_path"), ("reward", "--reward_model_path")]}[name]
+              "ppo": [("sft", "--sft_model_path"), ("reward", "--reward_model_path")],
+              "dpo": [("sft", "--model_name_or_path")]}[name]
     return [(step, flag) for step, flag in wanted if flag not in extra[name]]
 
 
 def check_inputs(args: TrainArguments, root: Path, extra: dict[str, list[str]]) -> None:
     """Before anything runs: every input that no chosen step will produce must already be in OUTPUT_DIR."""
-    chosen = {STEP_NAMES[number] for number in args.steps}
+    step_names = METHODS[args.method]
+    chosen = {step_names[number] for number in args.steps}
     for name in chosen:
         for step, flag in step_inputs(args, name, extra):
             if step not in chosen and final_output(root / step) is None:
                 raise errors.UserError(f"{root / step} holds no finished {step} step, which step {name} needs; add "
-                                       f"{list(STEP_NAMES.values()).index(step) + 1} to --steps, or pass "
+                                       f"{list(step_names.values()).index(step) + 1} to --steps, or pass "
                                        f"`{flag} PATH` in --{name}_args")
 
 
@@ -179,7 +197,7 @@ def validate_steps(args: TrainArguments, root: Path, extra: dict[str, list[str]]
     which are not made yet. Returns each chosen step's settings (see step_settings)."""
     settings = {}
     for number in sorted(set(args.steps)):
-        name = STEP_NAMES[number]
+        name = METHODS[args.method][number]
         command = step_command(args, name, root, extra, resume=False)
         argv = command[command.index(str(ROOT / SCRIPTS[name])) + 1:]
         wired = [flag for _, flag in step_inputs(args, name, extra)]
@@ -272,10 +290,11 @@ def run_step(name: str, command: list[str], log_path: Path) -> tuple[int, list[s
 
 def step_metrics(name: str, folder: Path) -> dict:
     """The headline numbers of a finished step, read from what it wrote."""
-    if name in ("sft", "reward"):
+    if name in ("sft", "reward", "dpo"):
         results = folder / "eval_results.json"
         data = json.loads(results.read_text()) if results.exists() else {}
-        keys = ["eval_perplexity", "eval_loss"] if name == "sft" else ["eval_accuracy", "eval_margin"]
+        keys = {"sft": ["eval_perplexity", "eval_loss"], "reward": ["eval_accuracy", "eval_margin"],
+                "dpo": ["eval_rewards/accuracies", "eval_rewards/margins", "eval_loss"]}[name]
         return {k: data[k] for k in keys if k in data}
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()] \
         if (folder / "metrics.jsonl").exists() else []
@@ -292,6 +311,9 @@ def headline(name: str, metrics: dict) -> str:
         return f"eval perplexity {metrics['eval_perplexity']:.3f}"
     if name == "reward":
         return f"eval accuracy {metrics['eval_accuracy']:.3f}, margin {metrics.get('eval_margin', float('nan')):.3f}"
+    if name == "dpo":
+        return (f"eval reward accuracy {metrics['eval_rewards/accuracies']:.3f}, margin "
+                f"{metrics.get('eval_rewards/margins', float('nan')):.3f}")
     return f"score {metrics['score_start']:.3f} -> {metrics['score_end']:.3f}, KL {metrics['kl_end']:.3f}"
 
 
@@ -319,9 +341,9 @@ def is_finished(folder: Path) -> bool:
     return (folder / DONE_FILE).exists()
 
 
-def later_finished_steps(root: Path, number: int, chosen: list[int]) -> list[str]:
+def later_finished_steps(root: Path, number: int, chosen: list[int], method: str) -> list[str]:
     """Finished steps after step `number` that this run does not redo: they were trained on its previous output."""
-    return [step for later, step in STEP_NAMES.items()
+    return [step for later, step in METHODS[method].items()
             if later > number and later not in chosen and is_finished(root / step)]
 
 
@@ -342,13 +364,14 @@ def main(args: TrainArguments) -> list[dict]:
     check_inputs(args, root, extra)
     runs.lock_output_dir(root)  # a second train.py into the same folder would delete this one's <step>.new
     settings = validate_steps(args, root, extra)
-    fp32 = [STEP_NAMES[n] for n in sorted(set(args.steps)) if fp32_on_this_cpu(args, extra[STEP_NAMES[n]])]
+    step_names = METHODS[args.method]
+    fp32 = [step_names[n] for n in sorted(set(args.steps)) if fp32_on_this_cpu(args, extra[step_names[n]])]
     if fp32:
         print(f"no GPU, and this CPU has no native bf16: {', '.join(fp32)} run in fp32 (accelerate --mixed_precision "
               "no); add --bf16 true to a step's arguments to keep bf16", flush=True)
     summary, rerun_from = [], None
     for number in sorted(set(args.steps)):
-        name = STEP_NAMES[number]
+        name = step_names[number]
         folder = root / name
         runs.finish_interrupted_swap(folder, ready=is_finished)
         done_file = folder / DONE_FILE
@@ -401,12 +424,13 @@ def main(args: TrainArguments) -> list[dict]:
             runs.swap_in(target, folder)
         summary.append({**record, "status": "ran", "plot": collect_plot(name, folder, root / "plots")})
         rerun_from = rerun_from or name
-        for stale in later_finished_steps(root, number, args.steps):
+        for stale in later_finished_steps(root, number, args.steps, args.method):
             print(f"[{name}] note: {stale} was trained on the previous {name} output; add its step to --steps to "
                   "train it again", flush=True)
 
     print_summary(summary)
-    runs.write_json(root / "summary.json", {"preset": args.preset, "output_dir": str(root), "steps": summary})
+    runs.write_json(root / "summary.json", {"preset": args.preset, "method": args.method, "output_dir": str(root),
+                                            "steps": summary})
     print(f"\nsummary: {root / 'summary.json'}; charts: {root / 'plots'}; logs: {root / 'logs'}")
     return summary
 

@@ -67,6 +67,16 @@ class LearningArguments:
     reward_args: str = field(default="", metadata={"help": "Extra arguments for reward.py."})
     ppo_args: str = field(default="", metadata={"help": "Extra arguments for ppo.py, e.g. \"--max_steps 20\"."})
     eval_args: str = field(default="", metadata={"help": "Extra arguments for evaluate.py."})
+    reward_sources: str = field(default="model", metadata={
+        "help": "What the extra PPO runs optimise, e.g. model,truth: `model` the seed's reward model (on the synthetic "
+                "tasks with the ground truth logged beside it at weight 0: gold against proxy), `truth` the task's "
+                "ground truth alone (--reward_funcs builtin:synthetic, no reward model; synthetic tasks). One run "
+                "per estimator and source, into seed-S/ppo-E (model) or seed-S/ppo-E-truth; with --estimators empty, "
+                "`truth` adds seed-S/ppo-truth with the recipe's estimator."})
+    methods: str = field(default="ppo", metadata={
+        "help": "ppo, or ppo,dpo: also dpo.py (recipes/PRESET/dpo.yaml) from each seed's SFT policy on the same "
+                "pairs into seed-S/dpo, evaluated as policy dpo."})
+    dpo_args: str = field(default="", metadata={"help": "Extra arguments for dpo.py (with --methods ppo,dpo)."})
     estimators: str = field(default="", metadata={
         "help": "Advantage estimators to compare, e.g. gae,rloo,grpo: after each seed's three steps, one more PPO "
                 "run per estimator (same SFT and reward models, same arguments, only --advantage_estimator differs) "
@@ -96,7 +106,14 @@ def validate(args: LearningArguments) -> None:
     unknown = [e for e in estimator_list(args) if e not in ("gae", "rloo", "grpo")]
     if unknown:
         raise errors.UserError(f"--estimators {args.estimators}: {', '.join(unknown)} is not one of gae, rloo, grpo")
-    for name in ("sft_args", "reward_args", "ppo_args", "eval_args"):
+    unknown = [s for s in split(args.reward_sources) if s not in ("model", "truth")] or \
+        [m for m in split(args.methods) if m not in ("ppo", "dpo")]
+    if unknown or not split(args.reward_sources) or "ppo" not in split(args.methods):
+        raise errors.UserError(f"--reward_sources {args.reward_sources} --methods {args.methods}: sources are model "
+                               "and truth, methods ppo (always) and dpo")
+    if "truth" in split(args.reward_sources) and TASKS[args.task]["dataset"] != synthetic.BUILTIN_DATASET:
+        raise errors.UserError(f"--reward_sources truth: --task {args.task} has no ground truth; use a synthetic task")
+    for name in ("sft_args", "reward_args", "ppo_args", "eval_args", "dpo_args"):
         try:
             shlex.split(getattr(args, name))
         except ValueError as error:
@@ -113,12 +130,34 @@ def train_command(args: LearningArguments, seed: int, folder: Path) -> list[str]
                "--sft_args", f"{common_args}{model} {task.get('sft_args', '')} {args.sft_args}",
                "--reward_args", f"{common_args}{model if task['reward_model'] == 'recipe' else ''} "
                                 f"{task.get('reward_args', '')} {args.reward_args}",
-               "--ppo_args", f"{common_args} {task.get('ppo_args', '')} {args.ppo_args}"]
+               "--ppo_args", f"{common_args} {shlex.join(gold_logged(args))} {task.get('ppo_args', '')} "
+                             f"{args.ppo_args}"]
     return command + (["--force"] if args.force else [])
 
 
+def split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def estimator_list(args: LearningArguments) -> list[str]:
-    return [e.strip() for e in args.estimators.split(",") if e.strip()]
+    return split(args.estimators)
+
+
+def extra_runs(args: LearningArguments) -> list[str]:
+    """The runs beside train.py's own, by name: ppo-E (the reward model) and ppo-E-truth (the ground truth) per
+    estimator E and source, ppo-truth (the recipe's estimator, the ground truth) and dpo."""
+    sources = split(args.reward_sources)
+    names = [f"ppo-{e}" + ("-truth" if source == "truth" else "") for e in estimator_list(args) for source in sources]
+    if not estimator_list(args) and "truth" in sources:
+        names.append("ppo-truth")
+    return names + (["dpo"] if "dpo" in split(args.methods) else [])
+
+
+def gold_logged(args: LearningArguments) -> list[str]:
+    """On the synthetic tasks every reward-model PPO run logs the ground truth beside the proxy (weight 0)."""
+    if TASKS[args.task]["dataset"] != synthetic.BUILTIN_DATASET:
+        return []
+    return ["--reward_funcs", "builtin:synthetic", "--reward_weights", "1", "0"]
 
 
 def step_outputs(folder: Path) -> dict[str, str]:
@@ -126,27 +165,32 @@ def step_outputs(folder: Path) -> dict[str, str]:
     return {step["step"]: step["output"] for step in summary["steps"]}
 
 
-def estimator_command(args: LearningArguments, seed: int, folder: Path, estimator: str,
-                      target: Path | None = None) -> list[str]:
-    """ppo.py as train.py runs it for this seed (same recipe, models and extras), with another estimator, into
-    `target` (default seed-S/ppo-E); an interrupted attempt resumes from its checkpoint, one that left no checkpoint
-    is replaced."""
+def extra_command(args: LearningArguments, seed: int, folder: Path, name: str, target: Path) -> list[str]:
+    """One extra run as train.py would run its step for this seed (same recipe, models and extras): ppo.py with
+    another estimator and/or the ground truth as its reward, or dpo.py from the seed's SFT policy. An interrupted
+    attempt resumes from its checkpoint, one that left no checkpoint is replaced."""
     task, outputs = TASKS[args.task], step_outputs(folder)
-    target = target or folder / f"ppo-{estimator}"
-    command = [sys.executable, str(ROOT / "ppo.py"), "--config", str(ROOT / "recipes" / task["preset"] / "ppo.yaml"),
-               "--sft_model_path", outputs["sft"], "--reward_model_path", outputs["reward"],
-               "--output_dir", str(target), "--seed", str(seed), "--dataset_name", task["dataset"],
-               *shlex.split(task.get("ppo_args", "")), *shlex.split(args.ppo_args),
-               "--advantage_estimator", estimator]
+    common = ["--output_dir", str(target), "--seed", str(seed), "--dataset_name", task["dataset"]]
+    if name == "dpo":
+        command = [sys.executable, str(ROOT / "dpo.py"), "--config", str(ROOT / "recipes" / task["preset"] / "dpo.yaml"),
+                   "--model_name_or_path", outputs["sft"], *common, *shlex.split(task.get("reward_args", "")),
+                   *shlex.split(args.dpo_args)]
+    else:
+        estimator = name.split("-")[1] if name.split("-")[1] != "truth" else None
+        reward = ["--reward_model_path", "none", "--reward_funcs", "builtin:synthetic"] if name.endswith("-truth") \
+            else ["--reward_model_path", outputs["reward"], *gold_logged(args)]
+        command = [sys.executable, str(ROOT / "ppo.py"), "--config", str(ROOT / "recipes" / task["preset"] / "ppo.yaml"),
+                   "--sft_model_path", outputs["sft"], *reward, *common, *shlex.split(task.get("ppo_args", "")),
+                   *shlex.split(args.ppo_args), *(["--advantage_estimator", estimator] if estimator else [])]
     if runs.newest_complete_checkpoint(target) is not None:
         return command + ["--resume_from_checkpoint", "true"]
     return command + (["--overwrite_output_dir", "true"] if target.exists() else [])
 
 
-def run_estimators(args: LearningArguments, seed: int, folder: Path) -> None:
-    """One PPO run per --estimators entry, skipped where it finished before (unless --force)."""
-    for estimator in estimator_list(args):
-        target = folder / f"ppo-{estimator}"
+def run_extras(args: LearningArguments, seed: int, folder: Path) -> None:
+    """Each extra run (extra_runs), skipped where it finished before (unless --force)."""
+    for name in extra_runs(args):
+        target = folder / name
         finished = (target / "bench_done.json").exists()
         if finished and not args.force:
             continue
@@ -154,7 +198,7 @@ def run_estimators(args: LearningArguments, seed: int, folder: Path) -> None:
         build = target.with_name(target.name + ".new") if finished else target
         if build != target:
             shutil.rmtree(build, ignore_errors=True)
-        seconds = run(estimator_command(args, seed, folder, estimator, build), folder / "logs" / f"ppo-{estimator}.log")
+        seconds = run(extra_command(args, seed, folder, name, build), folder / "logs" / f"{name}.log")
         runs.write_json(build / "bench_done.json", {"duration_s": round(seconds, 1)})
         if build != target:
             runs.swap_in(build, target)
@@ -164,7 +208,7 @@ def eval_command(args: LearningArguments, folder: Path) -> list[str]:
     task = TASKS[args.task]
     outputs = step_outputs(folder)
     policies = [f"base={task['base'] or args.model_path}", f"sft={outputs['sft']}", f"ppo={outputs['ppo']}"]
-    policies += [f"ppo-{e}={folder / f'ppo-{e}'}" for e in estimator_list(args)]
+    policies += [f"{name}={folder / name}" for name in extra_runs(args)]
     return [sys.executable, str(ROOT / "evaluate.py"), "--dataset_name", task["dataset"],
             "--reward_model_path", outputs["reward"], "--policies", *policies, "--max_prompts", str(args.max_prompts),
             "--response_length", str(task["response_length"]), "--output_dir", str(folder / "eval"),
@@ -203,7 +247,7 @@ def seed_numbers(args: LearningArguments, folder: Path, eval_seconds: float) -> 
     columns = ["correct_rate", "polite_rate", "both_rate", "rm_auc", "rm_auc_correct", "win_rate_vs_sft",
                "kl_to_reference", "kl_to_reference_bound", "mean_length", "eos_rate", "reward_mean"]
     # The best-of-N row (evaluate.py names it sft-best-of-N) after the trained policies.
-    policies = [*POLICIES, *(f"ppo-{e}" for e in estimator_list(args)),
+    policies = [*POLICIES, *extra_runs(args),
                 *(name for name, p in results["policies"].items() if "best_of_n" in p)]
     for name in policies:
         for column in columns:
@@ -215,9 +259,8 @@ def seed_numbers(args: LearningArguments, folder: Path, eval_seconds: float) -> 
                                                  results["policies"]["sft"]["both_rate"]
     for step in summary["steps"]:
         numbers[f"time {step['step']} (s)"] = step["duration_s"]
-    for estimator in estimator_list(args):
-        done = json.loads((folder / f"ppo-{estimator}" / "bench_done.json").read_text())
-        numbers[f"time ppo-{estimator} (s)"] = done["duration_s"]
+    for name in extra_runs(args):
+        numbers[f"time {name} (s)"] = json.loads((folder / name / "bench_done.json").read_text())["duration_s"]
     numbers["time evaluation (s)"] = eval_seconds
     return numbers
 
@@ -247,11 +290,11 @@ def main(args: LearningArguments) -> list[dict]:
     for seed in range(1, args.seeds + 1):
         folder = root / f"seed-{seed}"
         run(train_command(args, seed, folder), folder / "logs" / "bench_train.log")
-        run_estimators(args, seed, folder)
+        run_extras(args, seed, folder)
         # Evaluated again when a policy is newer than the evaluation, or the policies asked for changed.
         timing = folder / "eval" / "bench_eval_time.json"
         finished = [folder / "ppo" / "step_complete.json",
-                    *(folder / f"ppo-{e}" / "bench_done.json" for e in estimator_list(args))]
+                    *(folder / name / "bench_done.json" for name in extra_runs(args))]
         command = eval_command(args, folder)
         if args.force or not timing.exists() or json.loads(timing.read_text()).get("command") != command or \
                 timing.stat().st_mtime < max(path.stat().st_mtime for path in finished):

@@ -15,8 +15,20 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# Fixtures that train the demo models (a minute or more): every test that uses one is in the slow tier, so that the
+# quick tier (-m "not slow") keeps to unit tests, validation and short runs (about 2 minutes on 2 cores).
+TRAINING_FIXTURES = {"demo_models", "demo_run", "sft_full", "reward_from_sft", "demo_sft", "demo_dpo",
+                     "quick_demo_models"}
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end runs of a minute or more (CI runs them too)")
+    config.addinivalue_line("markers", "slow: end-to-end training runs (CI runs them too; -m 'not slow' skips them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

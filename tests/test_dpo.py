@@ -154,6 +154,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(script_env, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.slow  # a training run: the slow tier
 def test_an_existing_run_is_refused_and_replaced_only_with_overwrite(script_env, tmp_path):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)

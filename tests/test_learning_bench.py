@@ -79,17 +79,17 @@ def test_estimators_each_get_a_ppo_run_on_the_same_models_and_join_the_evaluatio
         {"step": "sft", "output": "S", "duration_s": 1.0}, {"step": "reward", "output": "R", "duration_s": 2.0},
         {"step": "ppo", "output": "P", "duration_s": 3.0}]}))
     args = learning.LearningArguments(task="smollm2-synthetic", estimators="gae, grpo", ppo_args="--max_steps 3")
-    command = learning.estimator_command(args, 2, tmp_path, "grpo")
+    command = learning.extra_command(args, 2, tmp_path, "ppo-grpo", tmp_path / "ppo-grpo")
     assert command[command.index("--config") + 1].endswith("recipes/smollm2/ppo.yaml")
     assert [command[command.index(flag) + 1] for flag in ("--sft_model_path", "--reward_model_path", "--seed")] == \
            ["S", "R", "2"]
     assert command[command.index("--output_dir") + 1] == str(tmp_path / "ppo-grpo")
     assert command[-4:] == ["--max_steps", "3", "--advantage_estimator", "grpo"]  # the estimator has the last word
     (tmp_path / "ppo-grpo").mkdir()  # an attempt that left no checkpoint is replaced, one with a checkpoint resumed
-    assert learning.estimator_command(args, 2, tmp_path, "grpo")[-2:] == ["--overwrite_output_dir", "true"]
+    assert learning.extra_command(args, 2, tmp_path, "ppo-grpo", tmp_path / "ppo-grpo")[-2:] == ["--overwrite_output_dir", "true"]
     (tmp_path / "ppo-grpo" / "checkpoint-2").mkdir()
     (tmp_path / "ppo-grpo" / "checkpoint-2" / runs.CHECKPOINT_COMPLETE).write_text("{}")
-    assert learning.estimator_command(args, 2, tmp_path, "grpo")[-2:] == ["--resume_from_checkpoint", "true"]
+    assert learning.extra_command(args, 2, tmp_path, "ppo-grpo", tmp_path / "ppo-grpo")[-2:] == ["--resume_from_checkpoint", "true"]
 
     policies = learning.eval_command(args, tmp_path)
     policies = policies[policies.index("--policies") + 1 : policies.index("--max_prompts")]
@@ -108,6 +108,30 @@ def test_estimators_each_get_a_ppo_run_on_the_same_models_and_join_the_evaluatio
     assert numbers["time ppo-gae (s)"] == 40.0 and numbers["ppo-grpo kl_to_reference"] == 1.0
 
 
+def test_truth_and_dpo_runs_join_the_evaluation_with_the_ground_truth_as_reward(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": [
+        {"step": "sft", "output": "S", "duration_s": 1.0}, {"step": "reward", "output": "R", "duration_s": 2.0},
+        {"step": "ppo", "output": "P", "duration_s": 3.0}]}))
+    args = learning.LearningArguments(task="smollm2-synthetic", estimators="rloo", reward_sources="model,truth",
+                                      methods="ppo,dpo", dpo_args="--beta 0.2")
+    assert learning.extra_runs(args) == ["ppo-rloo", "ppo-rloo-truth", "dpo"]
+    truth = learning.extra_command(args, 1, tmp_path, "ppo-rloo-truth", tmp_path / "ppo-rloo-truth")
+    assert truth[truth.index("--reward_model_path") + 1] == "none"
+    assert truth[truth.index("--reward_funcs") + 1] == "builtin:synthetic" and "--reward_weights" not in truth
+    model = learning.extra_command(args, 1, tmp_path, "ppo-rloo", tmp_path / "ppo-rloo")
+    assert model[model.index("--reward_model_path") + 1] == "R"  # the proxy, with the gold logged at weight 0
+    assert model[model.index("--reward_weights") + 1:model.index("--reward_weights") + 3] == ["1", "0"]
+    dpo = learning.extra_command(args, 1, tmp_path, "dpo", tmp_path / "dpo")
+    assert dpo[1].endswith("dpo.py") and dpo[dpo.index("--model_name_or_path") + 1] == "S" and dpo[-2:] == [
+        "--beta", "0.2"]
+    assert "--reward_weights" in learning.train_command(args, 1, tmp_path)[-1]  # the recipe's PPO logs the gold too
+    assert learning.extra_runs(learning.LearningArguments(task="demo", reward_sources="truth")) == ["ppo-truth"]
+    policies = learning.eval_command(args, tmp_path)
+    assert f"dpo={tmp_path / 'dpo'}" in policies and f"ppo-rloo-truth={tmp_path / 'ppo-rloo-truth'}" in policies
+    with pytest.raises(SystemExit):
+        learning.main(learning.LearningArguments(task="smollm2-hh", reward_sources="truth"))
+
+
 def test_estimator_run_trained_again_replaces_the_finished_one_only_once_it_finished(tmp_path, monkeypatch):
     (tmp_path / "summary.json").write_text(json.dumps({"steps": [
         {"step": "sft", "output": "S"}, {"step": "reward", "output": "R"}, {"step": "ppo", "output": "P"}]}))
@@ -124,7 +148,7 @@ def test_estimator_run_trained_again_replaces_the_finished_one_only_once_it_fini
 
     monkeypatch.setattr(learning, "run", failing_run)
     with pytest.raises(SystemExit):
-        learning.run_estimators(args, 1, tmp_path)
+        learning.run_extras(args, 1, tmp_path)
     assert (finished / "adapter_model.safetensors").read_text() == "old"
 
     def good_run(command, log):
@@ -134,7 +158,7 @@ def test_estimator_run_trained_again_replaces_the_finished_one_only_once_it_fini
         return 7.0
 
     monkeypatch.setattr(learning, "run", good_run)
-    learning.run_estimators(args, 1, tmp_path)
+    learning.run_extras(args, 1, tmp_path)
     assert (finished / "adapter_model.safetensors").read_text() == "new"
     assert json.loads((finished / "bench_done.json").read_text()) == {"duration_s": 7.0}
     assert not (tmp_path / "ppo-rloo.new").exists()

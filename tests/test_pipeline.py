@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, python_script, run
 
-from simple_rlhf import data, plots
+from simple_rlhf import data, errors, plots
 
 QUICK = ["--sft_args", "--max_train_samples 400 --num_train_epochs 1 --max_eval_samples 64 --eval_steps 10 "
                        "--save_steps 20",
@@ -124,6 +124,7 @@ def test_a_killed_step_resumes_from_its_checkpoint_and_later_steps_are_redone(de
     assert [(e["step"], e["status"]) for e in summary["steps"]] == [("reward", "ran"), ("ppo", "ran")]
 
 
+@pytest.mark.slow  # a training run: the slow tier
 def test_a_failing_step_stops_the_pipeline_with_its_exit_code_and_log_tail(env, tmp_path):
     result = run(train(tmp_path, "--sft_args", "--max_length 2"), env, check=False)
     assert result.returncode == 2
@@ -251,3 +252,34 @@ def test_wiring_of_the_opt_presets_reward_model(tmp_path):
     assert ppo[ppo.index("--sft_model_path") + 1] == str(tmp_path / "sft" / "merged")
     assert ppo[ppo.index("--reward_model_path") + 1] == str(tmp_path / "reward")
     assert ppo[-2:] == ["--max_steps", "5"]  # the user's extra arguments come last, so they win
+
+
+def test_the_dpo_method_wires_sft_into_dpo_and_checks_its_steps(tmp_path):
+    import train
+
+    (tmp_path / "sft" / "merged").mkdir(parents=True)
+    (tmp_path / "sft" / "merged" / "config.json").write_text("{}")
+    args = train.TrainArguments(preset="demo", method="dpo", accelerate_config="none", dpo_args="--beta 0.2")
+    extra = train.validate(args)
+    assert args.steps == [1, 2] and extra["dpo"] == ["--beta", "0.2"]
+    command = train.step_command(args, "dpo", tmp_path, extra, resume=False)
+    assert command[1].endswith("dpo.py") and command[command.index("--config") + 1].endswith("recipes/demo/dpo.yaml")
+    assert command[command.index("--model_name_or_path") + 1] == str(tmp_path / "sft" / "merged")
+    assert command[-2:] == ["--beta", "0.2"]
+    for options, message in (({"steps": [3]}, "--steps 3: give some of 1 (sft), 2 (dpo) (--method dpo)"),
+                             ({"method": "grpo"}, "--method grpo: use ppo")):
+        with pytest.raises(errors.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            train.validate(train.TrainArguments(**{"preset": "demo", "method": "dpo", **options}))
+
+
+@pytest.mark.slow
+def test_the_pipeline_with_method_dpo_runs_sft_then_dpo(env, tmp_path):
+    result = run(python_script("train.py", "--preset", "demo", "--method", "dpo", "--output_dir", tmp_path,
+                               "--accelerate_config", "none", "--sft_args", QUICK[1], "--dpo_args",
+                               "--max_train_samples 400 --max_steps 20 --eval_steps 10 --save_steps 10"), env)
+    summary = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert [row["step"] for row in summary] == ["sft", "dpo"] and all(row["status"] == "ran" for row in summary)
+    dpo = summary[1]["metrics"]
+    assert 0 <= dpo["eval_rewards/accuracies"] <= 1 and dpo["eval_loss"] < math.log(2)
+    assert "eval reward accuracy" in result.stdout and (tmp_path / "plots" / "dpo_curves.png").exists()
+    assert not (tmp_path / "reward").exists() and not (tmp_path / "ppo").exists()

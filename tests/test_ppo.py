@@ -98,7 +98,7 @@ def test_first_iteration_invariants_with_lora(env, demo_models):
     args = ppo.PPOArguments(sft_model_path=sft, reward_model_path=reward_path, response_length=8, temperature=0.7,
                             per_device_train_batch_size=4)
     model_args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
-    paths = ppo.validate(args, model_args)
+    paths, _ = ppo.validate(args, model_args)
     tokenizer = models.load_tokenizer(sft, "left")
     model, reference, reward = actor_critic.build_models(args, model_args, tokenizer, tokenizer, paths)
     assert reference is None and reward is None  # two weight copies: actor/reference and critic/reward
@@ -554,7 +554,7 @@ def test_ptx_adds_ptx_coef_times_the_lm_gradient_to_the_actor_gradient(env, demo
     sft, reward_path = demo_models
     args = ppo.PPOArguments(sft_model_path=sft, reward_model_path=reward_path, response_length=6, temperature=0.7)
     model_args = ModelConfig(use_peft=True, lora_r=4, lora_alpha=8)
-    paths = ppo.validate(args, model_args)
+    paths, _ = ppo.validate(args, model_args)
     tokenizer = models.load_tokenizer(sft, "left")
     model = actor_critic.build_models(args, model_args, tokenizer, tokenizer, paths)[0]
     with torch.no_grad():  # a non-zero LoRA B, so that the actor's LoRA A gets gradients too

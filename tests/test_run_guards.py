@@ -4,7 +4,6 @@ arguments changed, an empty metrics.jsonl taken for a run, a step run from anoth
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 

@@ -138,6 +138,7 @@ def _seq_cls():
     return AutoModelForSequenceClassification
 
 
+@pytest.mark.slow  # a training run: the slow tier
 def test_sft_with_4bit_lora_and_gradient_checkpointing(script_env, tmp_path):
     result = run(python_script("sft.py", *DEMO_SFT, "--output_dir", tmp_path, "--use_peft", "--load_in_4bit",
                                "--lora_r", "8", "--gradient_checkpointing", "true", "--max_length", "96", *QUICK),
@@ -149,6 +150,7 @@ def test_sft_with_4bit_lora_and_gradient_checkpointing(script_env, tmp_path):
     assert config["r"] == 8 and (tmp_path / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow  # a training run: the slow tier
 def test_reward_with_4bit_lora_from_an_sft_adapter(script_env, tmp_path):
     """QLoRA reward model, starting from an SFT LoRA adapter (merged into its base on load)."""
     sft = tmp_path / "sft"
@@ -158,6 +160,7 @@ def test_reward_with_4bit_lora_from_an_sft_adapter(script_env, tmp_path):
     assert (tmp_path / "rm" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow  # a training run: the slow tier
 def test_resume_continues_exactly_where_the_run_stopped(script_env, tmp_path):
     """4 steps uninterrupted == 2 steps, a crash, and a resume from the last complete checkpoint."""
     args = [*DEMO_SFT, "--max_steps", "4", "--save_steps", "2", "--eval_strategy", "no", "--max_eval_samples", "16",
@@ -183,6 +186,7 @@ def test_resume_continues_exactly_where_the_run_stopped(script_env, tmp_path):
         assert torch.allclose(whole[name], resumed[name], atol=1e-6), name
 
 
+@pytest.mark.slow  # a training run: the slow tier
 def test_reward_model_whose_tokenizer_has_no_pad_token(script_env, tmp_path):
     """A GPT-2-style model and tokenizer without a pad token: EOS is used for padding, scores are finite."""
     from transformers import GPT2Config, GPT2LMHeadModel
