@@ -18,7 +18,7 @@ metrics: accuracy (chosen's log-ratio above rejected's) and margin (their mean d
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer, ModelConfig, get_peft_config
 
-from simple_rlhf import arguments, data, errors, models, plots, runs, trainer_steps
+from simple_rlhf import arguments, data, errors, models, runs, trainer_steps
 from simple_rlhf.errors import UserError
 
 ARGUMENTS = (data.DataArguments, DPOConfig, ModelConfig)
@@ -110,16 +110,10 @@ def main(data_args: data.DataArguments, training_args: DPOConfig, model_args: Mo
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = trainer.evaluate()
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
     with models.dropout_config_restored(changed):  # the saved config keeps the model's own dropout
-        trainer_steps.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter,
-                                          AutoModelForCausalLM)
-    trainer.accelerator.print(f"DPO done: eval reward accuracy {metrics['eval_rewards/accuracies']:.3f}, margin "
-                              f"{metrics['eval_rewards/margins']:.3f}, model in {training_args.output_dir}")
-    if trainer.is_world_process_zero():
-        plots.plot_dpo(training_args.output_dir)  # its curves, from the trainer_state.json saved with the model
-    trainer.accelerator.end_training()
+        trainer_steps.finish(trainer, "dpo", metrics, data_args, AutoModelForCausalLM,
+                             f"DPO done: eval reward accuracy {metrics['eval_rewards/accuracies']:.3f}, margin "
+                             f"{metrics['eval_rewards/margins']:.3f}")
 
 
 if __name__ == "__main__":

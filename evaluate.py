@@ -440,7 +440,7 @@ def main(args: EvalArguments, data_args: data.DataArguments) -> dict:
             if flag != "--reward_model_path":
                 models.require_causal_lm(resolved, flag)  # a reward model given as a policy would run silently
     if args.reward_model_path:
-        rollout.check_reward_model(models.resolve_model_path(args.reward_model_path, "--reward_model_path"),
+        models.check_reward_model(models.resolve_model_path(args.reward_model_path, "--reward_model_path"),
                                "--reward_model_path")
     if policies and truncated(args):
         runs.logger.warning(f"--top_k {args.top_k} --top_p {args.top_p}: the answers are sampled from the truncated "

@@ -244,7 +244,7 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> tuple[dict, list]:
     models.check_lora_targets(model_args, paths["sft"], "--sft_model_path")  # the actor's adapter, before loading
     for key, flag in (("reward", "--reward_model_path"), ("critic", "--critic_model_path")):
         if paths[key] is not None:
-            rollout.check_reward_model(paths[key], flag)
+            models.check_reward_model(paths[key], flag)
     return paths, reward_functions
 
 
@@ -430,7 +430,7 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
     stop = health.StopRequested()
     cleanup.callback(stop.restore)
     history, last_checkpoint = [], resume
-    one_pass = update.one_pass_update(args)  # then the critic's values come from the update's forward pass, not scoring
+    one_pass = update.one_pass_update(args)  # the critic's values from the update's forward pass, not from scoring
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="PPO")
     cleanup.callback(progress.close)
     while step < args.max_steps:
@@ -515,8 +515,8 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
                      "data_position": step * run.global_batch, "ptx_position": ptx_position,
                      "max_steps": args.max_steps, "run_id": run_id,
                      "advantage_estimator": args.advantage_estimator, "num_generations": args.num_generations}
-            last_checkpoint = checkpoints.save_checkpoint(accelerator, model, optimizer, scheduler, state, args, run.tokenizer,
-                                              ema)
+            last_checkpoint = checkpoints.save_checkpoint(accelerator, model, optimizer, scheduler, state, args,
+                                                          run.tokenizer, ema)
         if stop_now:
             accelerator.print(f"stopped at step {step} on request; resume with --resume_from_checkpoint "
                               f"{last_checkpoint}")

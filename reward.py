@@ -11,7 +11,7 @@ Accuracy (chosen scored above rejected) and mean margin are reported on the eval
 from transformers import AutoModelForSequenceClassification
 from trl import ModelConfig, RewardConfig, RewardTrainer, get_peft_config
 
-from simple_rlhf import arguments, data, errors, models, plots, runs, trainer_steps
+from simple_rlhf import arguments, data, errors, models, runs, trainer_steps
 
 ARGUMENTS = (data.DataArguments, RewardConfig, ModelConfig)
 
@@ -44,15 +44,9 @@ def main(data_args: data.DataArguments, training_args: RewardConfig, model_args:
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = trainer.evaluate(evaluation)
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    trainer_steps.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter,
-                               AutoModelForSequenceClassification)
-    trainer.accelerator.print(f"Reward model done: eval accuracy {metrics['eval_accuracy']:.3f}, mean margin "
-                              f"{metrics['eval_margin']:.3f}, model in {training_args.output_dir}")
-    if trainer.is_world_process_zero():
-        plots.plot_reward(training_args.output_dir)  # its curves, from the trainer_state.json saved with the model
-    trainer.accelerator.end_training()
+    trainer_steps.finish(trainer, "reward", metrics, data_args, AutoModelForSequenceClassification,
+                         f"Reward model done: eval accuracy {metrics['eval_accuracy']:.3f}, mean margin "
+                         f"{metrics['eval_margin']:.3f}")
 
 
 if __name__ == "__main__":

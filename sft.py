@@ -12,7 +12,7 @@ import math
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, SFTConfig, SFTTrainer, get_peft_config
 
-from simple_rlhf import arguments, data, errors, models, plots, runs, trainer_steps
+from simple_rlhf import arguments, data, errors, models, runs, trainer_steps
 
 ARGUMENTS = (data.DataArguments, SFTConfig, ModelConfig)
 
@@ -38,7 +38,8 @@ class PerplexitySFTTrainer(SFTTrainer):
 
 @errors.exit_on_user_error
 def main(data_args: data.DataArguments, training_args: SFTConfig, model_args: ModelConfig):
-    tokenizer, resume, train, evaluation = trainer_steps.prepare_trainer_step("sft", data_args, training_args, model_args)
+    tokenizer, resume, train, evaluation = trainer_steps.prepare_trainer_step("sft", data_args, training_args,
+                                                                              model_args)
     if training_args.completion_only_loss is None:
         training_args.completion_only_loss = True  # our default: learn the answers, not the prompts
 
@@ -56,14 +57,8 @@ def main(data_args: data.DataArguments, training_args: SFTConfig, model_args: Mo
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = add_perplexity(trainer.evaluate(evaluation))
-    trainer.log_metrics("eval", metrics)
-    trainer.save_metrics("eval", metrics)
-    trainer_steps.save_trainer_output(trainer, training_args.output_dir, data_args.merge_adapter, AutoModelForCausalLM)
-    trainer.accelerator.print(f"SFT done: eval perplexity {metrics['eval_perplexity']:.3f}, model in "
-                              f"{training_args.output_dir}")
-    if trainer.is_world_process_zero():
-        plots.plot_sft(training_args.output_dir)  # its curves, from the trainer_state.json saved with the model
-    trainer.accelerator.end_training()
+    trainer_steps.finish(trainer, "sft", metrics, data_args, AutoModelForCausalLM,
+                         f"SFT done: eval perplexity {metrics['eval_perplexity']:.3f}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ TASKS = {
     "demo": dict(preset="demo", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=models.BUILTIN_MODEL,
                  response_length=10, best_of_n=4),
     "smollm2-synthetic": dict(preset="smollm2", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=None,
-                              response_length=16, best_of_n=16),
+                              response_length=24, best_of_n=16),
     "smollm2-hh": dict(preset="smollm2", dataset=HH_DATA, reward_model="recipe", base=None, response_length=48,
                        best_of_n=0,
                        sft_args="--max_length 256", reward_args="--max_length 256",

@@ -1,4 +1,7 @@
-"""The RL maths as pure tensor functions, each naming its paper: KL estimators, GAE, RLOO and GRPO baselines, PPO's clipped losses, whitening, running moments."""
+"""The RL maths as pure tensor functions, each naming its paper.
+
+KL estimators, GAE, the RLOO and GRPO baselines, PPO's clipped losses, whitening, running moments.
+"""
 
 from __future__ import annotations
 

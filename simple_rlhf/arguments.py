@@ -1,4 +1,4 @@
-"""Command-line arguments: TRL's parser with a YAML --config, one-line errors, the RANGES table and the checks every step runs before anything is loaded."""
+"""Command-line arguments: TRL's parser with YAML --config, one-line errors, ranges, checks before loading."""
 
 from __future__ import annotations
 

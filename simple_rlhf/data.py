@@ -1,4 +1,4 @@
-"""Data for the steps: loading (hub id, file, folder), validation, the split between steps, tokenizing with left truncation."""
+"""Data for the steps: loading (hub id, file, folder), validation, splits, tokenizing with left truncation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Memory plans: what each step holds at its peak, the knobs that make it fit, and the line each step prints at start."""
+"""Memory plans: what each step holds at its peak, the knobs that make it fit, the line each step prints."""
 
 from __future__ import annotations
 

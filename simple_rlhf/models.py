@@ -93,30 +93,52 @@ def adapter_base(path: str) -> str | None:
     return json.loads(config_file.read_text())["base_model_name_or_path"]
 
 
+def adapter_task_or_config(path: str, flag: str):
+    """What a check of a model's kind reads, before anything is loaded: ("adapter", its PEFT task_type or None) for
+    an adapter folder, else ("model", its transformers config)."""
+    from transformers import AutoConfig
+
+    adapter_file = Path(path) / "adapter_config.json"
+    if adapter_file.exists():
+        return "adapter", json.loads(adapter_file.read_text()).get("task_type")
+    try:
+        return "model", AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{flag} {path}: could not read its config ({describe(error)}); check the path or hub id")
+
+
 def require_causal_lm(path: str, flag: str) -> None:
     """A policy (sft.py's start, ppo.py's --sft_model_path, evaluate.py's and chat.py's policies) must be a causal
     language model. A sequence classifier (a reward model) or a SEQ_CLS adapter would load as a causal LM with an
     untrained or tied head and then train or answer silently: refuse it, before anything is loaded."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    adapter_file = Path(path) / "adapter_config.json"
-    if adapter_file.exists():
-        task = json.loads(adapter_file.read_text()).get("task_type")
-        if task not in (None, "CAUSAL_LM"):
-            raise UserError(f"{flag} {path}: a {task} adapter, not a causal language model; give the output of "
+    kind, found = adapter_task_or_config(path, flag)
+    if kind == "adapter":
+        if found not in (None, "CAUSAL_LM"):
+            raise UserError(f"{flag} {path}: a {found} adapter, not a causal language model; give the output of "
                             "sft.py or ppo.py")
         return
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{flag} {path}: could not read its config ({describe(error)}); check the path or hub id")
     causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
               for name in (names if isinstance(names, (list, tuple)) else [names])}
-    architectures = config.architectures or []  # a config without them (some hub configs) cannot be judged here
+    architectures = found.architectures or []  # a config without them (some hub configs) cannot be judged here
     if architectures and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         raise UserError(f"{flag} {path}: not a causal language model (architectures {architectures}); give the "
                         "output of sft.py or ppo.py, or another causal LM")
+
+
+def check_reward_model(path: str, flag: str) -> None:
+    """The reward model must be a sequence classifier with one label (or a SEQ_CLS adapter); say so before loading."""
+    kind, found = adapter_task_or_config(path, flag)
+    if kind == "adapter":
+        if found != "SEQ_CLS":
+            raise UserError(f"{flag} {path}: this adapter is not a sequence classifier (task_type is not SEQ_CLS); "
+                            "give the output of reward.py")
+        return
+    architectures = found.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or found.num_labels != 1:
+        raise UserError(f"{flag} {path}: not a sequence classifier with one label (architectures {architectures}, "
+                        f"num_labels {found.num_labels}); give the output of reward.py")
 
 
 def check_model_flags(model_args) -> None:

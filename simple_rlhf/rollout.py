@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -423,26 +421,6 @@ def reward_function(reward_model, tokenizer, reward_tokenizer, adapter_off: bool
             return score_at_last_token(reward_model, ids, mask)
 
     return scores
-
-
-def check_reward_model(path: str, flag: str) -> None:
-    """The reward model must be a sequence classifier with one label (or a SEQ_CLS adapter); say so before loading."""
-    from transformers import AutoConfig
-
-    adapter_file = Path(path) / "adapter_config.json"
-    if adapter_file.exists():
-        if json.loads(adapter_file.read_text()).get("task_type") != "SEQ_CLS":
-            raise UserError(f"{flag} {path}: this adapter is not a sequence classifier (task_type is not "
-                                   "SEQ_CLS); give the output of reward.py")
-        return
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise UserError(f"{flag} {path}: could not read its config ({str(error).splitlines()[0][:200]})")
-    architectures = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-        raise UserError(f"{flag} {path}: not a sequence classifier with one label (architectures "
-                               f"{architectures}, num_labels {config.num_labels}); give the output of reward.py")
 
 
 # ----------------------------------------------------------------------------------------------------------------

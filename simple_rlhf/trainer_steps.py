@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from simple_rlhf import data, memory_plan, models, runs
+from simple_rlhf import data, memory_plan, models, plots, runs
 
 logger = logging.getLogger("simple_rlhf")
 
@@ -81,3 +81,15 @@ def save_trainer_output(trainer, output_dir: str, merge_adapter: bool, merged_cl
         runs.move_into(staging, output_dir)
         runs.drop_previous_run(output_dir)  # the final model is complete: an overwritten run may go now
     trainer.accelerator.wait_for_everyone()
+
+
+def finish(trainer, step: str, metrics: dict, data_args, merged_class, message: str) -> None:
+    """The end of sft.py / reward.py / dpo.py: the final eval metrics logged and saved, the model saved (save_trainer
+    output), the step's one line printed, its chart drawn from the trainer_state.json saved with the model."""
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    save_trainer_output(trainer, trainer.args.output_dir, data_args.merge_adapter, merged_class)
+    trainer.accelerator.print(f"{message}, model in {trainer.args.output_dir}")
+    if trainer.is_world_process_zero():
+        plots.plot_step(step, trainer.args.output_dir)
+    trainer.accelerator.end_training()

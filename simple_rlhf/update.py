@@ -1,4 +1,4 @@
-"""One PPO iteration's update: scores shaped into advantages (GAE, RLOO, GRPO), the micro-batch loss, the epochs of optimizer steps, the metrics."""
+"""One PPO iteration's update: advantages (GAE, RLOO, GRPO), the micro-batch loss, optimizer steps, metrics."""
 
 from __future__ import annotations
 

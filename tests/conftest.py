@@ -111,3 +111,17 @@ def demo_models(env, tmp_path_factory):
                               "--model_name_or_path", sft), env)
             (root / "complete").touch()
     return str(sft), str(reward)
+
+
+@pytest.fixture(scope="session")
+def reward_like_model(tmp_path_factory, script_env):
+    """A one-label sequence classifier on the demo model: what reward.py writes (untrained)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from simple_rlhf import models
+
+    path = tmp_path_factory.mktemp("classifier")
+    builtin = models.resolve_model_path(models.BUILTIN_MODEL)
+    AutoModelForSequenceClassification.from_pretrained(builtin, num_labels=1).save_pretrained(path)
+    models.load_tokenizer(builtin).save_pretrained(path)
+    return path

@@ -77,18 +77,6 @@ def test_a_line_that_is_not_an_object_is_named(tmp_path):
 
 
 # ---- the right kind of model in each place ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reward_like_model(tmp_path_factory, script_env):
-    """A one-label sequence classifier: what reward.py writes."""
-    from transformers import AutoModelForSequenceClassification
-
-    path = tmp_path_factory.mktemp("classifier")
-    builtin = models.resolve_model_path(models.BUILTIN_MODEL)
-    AutoModelForSequenceClassification.from_pretrained(builtin, num_labels=1).save_pretrained(path)
-    models.load_tokenizer(builtin).save_pretrained(path)
-    return path
-
-
 def test_require_causal_lm(reward_like_model, tmp_path, script_env):
     models.require_causal_lm(models.resolve_model_path(models.BUILTIN_MODEL), "--model_path")
     with pytest.raises(UserError, match=r"--sft_model_path .*: not a causal language model \(architectures "

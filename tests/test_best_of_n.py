@@ -3,13 +3,10 @@ functions on hand-made numbers, the one-line refusals, and one run on the demo m
 
 import json
 import math
-import os
 import random
 
 import pytest
 import torch
-
-from conftest import python_script, run
 
 from simple_rlhf import data, synthetic
 
@@ -100,20 +97,9 @@ def test_best_of_n_refusals_are_one_line(options, message, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def quick_demo_models(script_env, tmp_path_factory):
-    """Steps 1 and 2 of the demo, shortened (the pattern of test_pipeline.py's QUICK arguments); as in test_ppo.py,
-    SIMPLE_RLHF_DEMO_MODELS=SFT_DIR,REWARD_DIR reuses models built earlier."""
-    if os.environ.get("SIMPLE_RLHF_DEMO_MODELS"):
-        return tuple(os.environ["SIMPLE_RLHF_DEMO_MODELS"].split(","))
-    env = {**script_env, "OMP_NUM_THREADS": "1"}
-    root = tmp_path_factory.mktemp("best-of-n")
-    sft, reward = root / "sft", root / "reward"
-    quick = ["--max_train_samples", "800", "--num_train_epochs", "1", "--max_eval_samples", "32",
-             "--eval_strategy", "no", "--save_strategy", "no"]
-    run(python_script("sft.py", "--config", "recipes/demo/sft.yaml", "--output_dir", sft, *quick), env)
-    run(python_script("reward.py", "--config", "recipes/demo/reward.yaml", "--output_dir", reward,
-                      "--model_name_or_path", sft, *quick), env)
-    return str(sft), str(reward)
+def quick_demo_models(demo_models):
+    """Steps 1 and 2 of the demo (built once per test session, tests/conftest.py)."""
+    return demo_models
 
 
 @pytest.mark.slow  # ~55 s on a shared 2-core CPU, most of it the fixture's training

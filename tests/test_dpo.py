@@ -27,13 +27,9 @@ def history(output_dir, key):
 
 
 @pytest.fixture(scope="module")
-def demo_sft(script_env, tmp_path_factory):
-    """A short demo SFT (full fine-tuning): the policy DPO starts from."""
-    out = tmp_path_factory.mktemp("dpo_sft")
-    run(python_script("sft.py", "--config", "recipes/demo/sft.yaml", "--output_dir", out, "--max_train_samples", "640",
-                      "--num_train_epochs", "1", "--eval_strategy", "no", "--save_strategy", "no",
-                      "--max_eval_samples", "16"), script_env)
-    return out
+def demo_sft(demo_models):
+    """The demo SFT policy (built once per test session, tests/conftest.py): the policy DPO starts from."""
+    return demo_models[0]
 
 
 @pytest.fixture(scope="module")

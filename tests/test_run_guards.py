@@ -87,20 +87,6 @@ def test_the_steps_refuse_a_folder_in_use(script, tmp_path, held_by_another_proc
                                                f"(pid {pid}); wait for it or choose another --output_dir")
 
 
-@pytest.fixture(scope="module")
-def reward_like_model(tmp_path_factory, script_env):
-    """A one-label sequence classifier: what reward.py writes."""
-    from transformers import AutoModelForSequenceClassification
-
-    from simple_rlhf import models
-
-    path = tmp_path_factory.mktemp("classifier")
-    builtin = models.resolve_model_path(models.BUILTIN_MODEL)
-    AutoModelForSequenceClassification.from_pretrained(builtin, num_labels=1).save_pretrained(path)
-    models.load_tokenizer(builtin).save_pretrained(path)
-    return path
-
-
 # ---- an empty metrics.jsonl is no run ---------------------------------------------------------------------------------
 def test_an_empty_metrics_file_is_not_a_run(tmp_path):
     """What ppo.py leaves when it stops before its first step (e.g. its divergence guard): the corrected re-run
