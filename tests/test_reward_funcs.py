@@ -150,18 +150,21 @@ def ppo(demo_models, output_dir, *extra, reward=True):
                          reward_model if reward else "none", "--output_dir", output_dir, *extra)
 
 
-@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo"])
+@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo", "gae-full-fine-tuning"])
 def test_ground_truth_alone_trains_every_estimator_without_a_reward_model(env, demo_models, tmp_path, estimator):
     out = tmp_path / estimator
-    extra = [] if estimator == "gae" else ["--advantage_estimator", estimator, "--num_generations", "2"]
+    extra = [] if estimator.startswith("gae") else ["--advantage_estimator", estimator, "--num_generations", "2"]
+    if estimator == "gae-full-fine-tuning":  # the critic: a full copy of the SFT backbone with a fresh value head
+        extra = ["--use_peft", "false", "--learning_rate", "1e-5"]
     result = run(ppo(demo_models, out, "--reward_funcs", "builtin:synthetic", *extra, reward=False), env)
     history = metrics(out)
     assert [m["step"] for m in history] == [1, 2]
     # the score is the ground truth: 0, 0.5, 1 or 1.5 per answer
     assert all(m["rewards/synthetic"] == m["objective/scores"] and 0 <= m["objective/scores"] <= 1.5 for m in history)
     assert "rewards/model" not in history[0]
-    assert (out / "critic").is_dir() == (estimator == "gae")  # GAE's critic: the SFT backbone, a fresh value head
-    assert "no reward model: the critic starts from the SFT policy" in result.stderr or estimator != "gae"
+    gae = estimator.startswith("gae")
+    assert (out / "critic").is_dir() == gae  # GAE's critic: the SFT backbone, a fresh value head
+    assert "no reward model: the critic starts from the SFT policy" in result.stderr or not gae
 
 
 def test_gold_logged_at_weight_zero_beside_the_proxy_and_a_user_file_weighed_in(env, demo_models, tmp_path,
