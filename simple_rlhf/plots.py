@@ -157,15 +157,21 @@ def plot_ppo(output_dir: str | Path, smoothing: float | None = None) -> Path | N
     if len(sources) > 1:
         axis = axes.flat[len(panels)]
         axis.set_visible(True)
+        # The reward model's scale is its own: it gets the left axis, the reward functions the right one.
+        right = axis.twinx() if "rewards/model" in sources else axis
+        lines = []
         for color, key in zip(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"), sources):
+            on = axis if key == "rewards/model" else right
             steps, values = zip(*[(row["step"], row[key]) for row in rows if key in row])
-            axis.plot(steps, values, color=color, alpha=0.25, linewidth=1)
-            axis.plot(steps, ema(list(values), alpha), color=color, linewidth=2, label=key.split("/", 1)[1])
+            on.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+            lines += on.plot(steps, ema(list(values), alpha), color=color, linewidth=2, label=key.split("/", 1)[1])
         axis.set_title("reward sources (gold vs proxy)")
         axis.set_xlabel("PPO step")
-        axis.set_ylabel("mean reward")
+        axis.set_ylabel("reward model" if right is not axis else "mean reward")
+        if right is not axis:
+            right.set_ylabel("reward functions")
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(lines, [line.get_label() for line in lines])
     figure.suptitle(f"Step 3, PPO: {output_dir} ({len(rows)} steps)")
     figure.tight_layout()
     path = _save(figure, Path(output_dir) / "ppo_curves.png", 70)
