@@ -129,6 +129,10 @@ class PPOArguments:
     max_kl: float | None = field(default=None, metadata={"help": "Stop the run (exit 3, last good checkpoint kept) "
                                  "when objective/kl, the KL to the reference per sequence, goes beyond this many "
                                  "nats (default: 1 per token of --response_length)."})
+    kl_budget: float = field(default=0.0, metadata={"help": "End the run normally (final policy saved, exit 0) "
+                             "once objective/kl, the KL to the reference per sequence averaged over the last 3 "
+                             "iterations, reaches this many nats: a budget against over-optimising a learned reward "
+                             "model, whose true reward peaks at some KL and falls after it (Gao et al. 2022). 0: off."})
     # optimisation
     learning_rate: float = field(default=3e-6, metadata={"help": "Actor learning rate."})
     critic_learning_rate: float | None = field(default=None, metadata={"help": "Critic learning rate (default: "
@@ -225,6 +229,8 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> tuple[dict, list]:
         raise UserError(f"{flag}: PPO samples from the full distribution at --temperature (its log-probs and "
                                "KL are that distribution's); leave --top_k 0 and --top_p 1.0, and lower "
                                "--temperature for less random answers")
+    if args.kl_budget < 0:
+        raise UserError(f"--kl_budget {args.kl_budget}: must be positive (nats per sequence), or 0 for none")
     if args.max_kl is None:
         args.max_kl = float(args.response_length)  # 1 nat per token: see divergence()
     if args.critic_learning_rate is None and args.advantage_estimator == "gae":
@@ -509,6 +515,11 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
                                 if len(run.reward_sources) > 1 else {}))
         if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
             update.log_samples(run.tokenizer, sample, raw_scores, step, args.num_samples)
+        recent_kl = sum(m["objective/kl"] for m in history[-3:]) / len(history[-3:])  # one iteration's is noisy
+        if args.kl_budget and recent_kl >= args.kl_budget:
+            accelerator.print(f"KL budget reached at step {step}: KL {recent_kl:.3f} over the last "
+                              f"{len(history[-3:])} iterations >= --kl_budget {args.kl_budget}; the run ends here")
+            break
         stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item() > 0
         if step % args.save_steps == 0 or stop_now:
             state = {"step": step, "kl_coef": kl_controller.value, "score_moments": vars(score_moments),

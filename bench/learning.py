@@ -45,7 +45,10 @@ TASKS = {
     "demo": dict(preset="demo", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=models.BUILTIN_MODEL,
                  response_length=10, best_of_n=4),
     "smollm2-synthetic": dict(preset="smollm2", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=None,
-                              response_length=24, best_of_n=16),
+                              response_length=24, best_of_n=16,
+                              # The recipe's --kl_budget guards against over-optimising the learned reward model; the
+                              # ground truth cannot be over-optimised, so its runs go on for their 20 minutes.
+                              truth_ppo_args="--kl_budget 0 --max_steps 50"),
     "smollm2-hh": dict(preset="smollm2", dataset=HH_DATA, reward_model="recipe", base=None, response_length=48,
                        best_of_n=0,
                        sft_args="--max_length 256", reward_args="--max_length 256",
@@ -84,6 +87,10 @@ class LearningArguments:
     best_of_n: int | None = field(default=None, metadata={
         "help": "Evaluate the SFT policy's best of N answers per prompt by the reward model as policy sft-best-of-N "
                 "(evaluate.py --best_of_n). Default: the task's (demo 4, smollm2-synthetic 16, smollm2-hh 0); 0: off."})
+    greedy: bool = field(default=False, metadata={
+        "help": "Also evaluate the SFT policy and the trained ones greedily (temperature 0.01, evaluate.py into "
+                "seed-S/eval-greedy): rows `greedy POLICY correct_rate / both_rate` and `greedy POLICY - sft "
+                "both_rate`, whether RL made the most likely answers better, not only the sampled ones."})
     force: bool = field(default=False, metadata={"help": "Train every step again, even where a run finished."})
 
 
@@ -181,6 +188,7 @@ def extra_command(args: LearningArguments, seed: int, folder: Path, name: str, t
             else ["--reward_model_path", outputs["reward"], *gold_logged(args)]
         command = [sys.executable, str(ROOT / "ppo.py"), "--config", str(ROOT / "recipes" / task["preset"] / "ppo.yaml"),
                    "--sft_model_path", outputs["sft"], *reward, *common, *shlex.split(task.get("ppo_args", "")),
+                   *(shlex.split(task.get("truth_ppo_args", "")) if name.endswith("-truth") else []),
                    *shlex.split(args.ppo_args), *(["--advantage_estimator", estimator] if estimator else [])]
     if runs.newest_complete_checkpoint(target) is not None:
         return command + ["--resume_from_checkpoint", "true"]
@@ -204,15 +212,36 @@ def run_extras(args: LearningArguments, seed: int, folder: Path) -> None:
             runs.swap_in(build, target)
 
 
-def eval_command(args: LearningArguments, folder: Path) -> list[str]:
+def eval_command(args: LearningArguments, folder: Path, greedy: bool = False) -> list[str]:
+    """evaluate.py on the seed's policies: sampled at temperature 1 with the base policy and best-of-N into
+    seed-S/eval, or (greedy) the SFT and trained policies at temperature 0.01 into seed-S/eval-greedy."""
     task = TASKS[args.task]
     outputs = step_outputs(folder)
-    policies = [f"base={task['base'] or args.model_path}", f"sft={outputs['sft']}", f"ppo={outputs['ppo']}"]
+    policies = [f"sft={outputs['sft']}", f"ppo={outputs['ppo']}"]
     policies += [f"{name}={folder / name}" for name in extra_runs(args)]
+    if greedy:
+        extra = ["--temperature", "0.01", "--output_dir", str(folder / "eval-greedy")]
+    else:
+        policies.insert(0, f"base={task['base'] or args.model_path}")
+        extra = ["--output_dir", str(folder / "eval"), *(["--best_of_n", str(best_of_n(args))] if best_of_n(args)
+                                                         else [])]
     return [sys.executable, str(ROOT / "evaluate.py"), "--dataset_name", task["dataset"],
             "--reward_model_path", outputs["reward"], "--policies", *policies, "--max_prompts", str(args.max_prompts),
-            "--response_length", str(task["response_length"]), "--output_dir", str(folder / "eval"),
-            *(["--best_of_n", str(best_of_n(args))] if best_of_n(args) else []), *shlex.split(args.eval_args)]
+            "--response_length", str(task["response_length"]), *extra, *shlex.split(args.eval_args)]
+
+
+def evaluate(args: LearningArguments, folder: Path, greedy: bool = False) -> float:
+    """Run eval_command unless its results are current: evaluated again when a policy is newer than the evaluation,
+    or the command (the policies asked for) changed. Returns its wall time."""
+    timing = folder / ("eval-greedy" if greedy else "eval") / "bench_eval_time.json"
+    finished = [folder / "ppo" / "step_complete.json",
+                *(folder / name / "bench_done.json" for name in extra_runs(args))]
+    command = eval_command(args, folder, greedy)
+    if args.force or not timing.exists() or json.loads(timing.read_text()).get("command") != command or \
+            timing.stat().st_mtime < max(path.stat().st_mtime for path in finished):
+        seconds = run(command, folder / "logs" / ("bench_eval_greedy.log" if greedy else "bench_eval.log"))
+        runs.write_json(timing, {"eval_s": seconds, "command": command})
+    return json.loads(timing.read_text())["eval_s"]
 
 
 def run(command: list[str], log: Path) -> float:
@@ -257,6 +286,14 @@ def seed_numbers(args: LearningArguments, folder: Path, eval_seconds: float) -> 
         if "both_rate" in results["policies"][name]:
             numbers[f"{name} - sft both_rate"] = results["policies"][name]["both_rate"] - \
                                                  results["policies"]["sft"]["both_rate"]
+    if args.greedy:
+        greedy = json.loads((folder / "eval-greedy" / "eval_results.json").read_text())["policies"]
+        for name in policies[1:]:
+            if name in greedy:
+                for column in ("correct_rate", "both_rate"):
+                    numbers[f"greedy {name} {column}"] = greedy[name][column]
+                if name != "sft":
+                    numbers[f"greedy {name} - sft both_rate"] = greedy[name]["both_rate"] - greedy["sft"]["both_rate"]
     for step in summary["steps"]:
         numbers[f"time {step['step']} (s)"] = step["duration_s"]
     for name in extra_runs(args):
@@ -291,16 +328,10 @@ def main(args: LearningArguments) -> list[dict]:
         folder = root / f"seed-{seed}"
         run(train_command(args, seed, folder), folder / "logs" / "bench_train.log")
         run_extras(args, seed, folder)
-        # Evaluated again when a policy is newer than the evaluation, or the policies asked for changed.
-        timing = folder / "eval" / "bench_eval_time.json"
-        finished = [folder / "ppo" / "step_complete.json",
-                    *(folder / name / "bench_done.json" for name in extra_runs(args))]
-        command = eval_command(args, folder)
-        if args.force or not timing.exists() or json.loads(timing.read_text()).get("command") != command or \
-                timing.stat().st_mtime < max(path.stat().st_mtime for path in finished):
-            seconds = run(command, folder / "logs" / "bench_eval.log")
-            runs.write_json(timing, {"eval_s": seconds, "command": command})
-        per_seed.append(seed_numbers(args, folder, json.loads(timing.read_text())["eval_s"]))
+        seconds = evaluate(args, folder)
+        if args.greedy:
+            seconds += evaluate(args, folder, greedy=True)
+        per_seed.append(seed_numbers(args, folder, seconds))
     print(f"\n{args.task}: {args.seeds} seed(s); policies sampled at temperature 1 on {args.max_prompts} held-out "
           "prompts; KL to the SFT policy" + (f"; sft-best-of-{best_of_n(args)}: the SFT policy's best of "
                                               f"{best_of_n(args)} answers by the reward model, its KL the analytic "

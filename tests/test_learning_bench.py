@@ -118,7 +118,10 @@ def test_truth_and_dpo_runs_join_the_evaluation_with_the_ground_truth_as_reward(
     truth = learning.extra_command(args, 1, tmp_path, "ppo-rloo-truth", tmp_path / "ppo-rloo-truth")
     assert truth[truth.index("--reward_model_path") + 1] == "none"
     assert truth[truth.index("--reward_funcs") + 1] == "builtin:synthetic" and "--reward_weights" not in truth
+    # the ground truth cannot be over-optimised: its runs drop the recipe's KL budget and go on longer
+    assert truth[truth.index("--kl_budget") + 1] == "0" and truth[truth.index("--max_steps") + 1] == "50"
     model = learning.extra_command(args, 1, tmp_path, "ppo-rloo", tmp_path / "ppo-rloo")
+    assert "--kl_budget" not in model and "--max_steps" not in model
     assert model[model.index("--reward_model_path") + 1] == "R"  # the proxy, with the gold logged at weight 0
     assert model[model.index("--reward_weights") + 1:model.index("--reward_weights") + 3] == ["1", "0"]
     dpo = learning.extra_command(args, 1, tmp_path, "dpo", tmp_path / "dpo")
@@ -198,3 +201,31 @@ def test_best_of_n_goes_to_the_evaluation_and_its_row_and_rm_auc_join_the_table(
     assert rows["sft-best-of-4 win_rate_vs_sft"] == ["0.800 ± 0.000", "0.800", "0.800"]
     names = [row[0] for row in learning.summarise(per_seed)]
     assert names.index("sft-best-of-4 both_rate") > names.index("ppo both_rate")  # after the trained policies
+
+
+def test_greedy_evaluates_the_sft_and_trained_policies_at_temperature_near_zero(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": [
+        {"step": "sft", "output": "S", "duration_s": 1.0}, {"step": "reward", "output": "R", "duration_s": 2.0},
+        {"step": "ppo", "output": "P", "duration_s": 3.0}]}))
+    args = learning.LearningArguments(task="smollm2-synthetic", reward_sources="truth", greedy=True, best_of_n=8)
+    sampled, greedy = learning.eval_command(args, tmp_path), learning.eval_command(args, tmp_path, greedy=True)
+    assert sampled[sampled.index("--output_dir") + 1] == str(tmp_path / "eval") and "--best_of_n" in sampled
+    assert greedy[greedy.index("--policies") + 1: greedy.index("--max_prompts")] == [
+        "sft=S", "ppo=P", f"ppo-truth={tmp_path / 'ppo-truth'}"]  # no base, no best-of-N
+    assert greedy[greedy.index("--temperature") + 1] == "0.01" and "--best_of_n" not in greedy
+    assert greedy[greedy.index("--output_dir") + 1] == str(tmp_path / "eval-greedy")
+
+    rate = lambda both: {"both_rate": both, "correct_rate": both + 0.1}
+    for folder, rates in (("eval", {"base": 0.0, "sft": 0.4, "ppo": 0.5, "ppo-truth": 0.7}),
+                          ("eval-greedy", {"sft": 0.6, "ppo": 0.5, "ppo-truth": 0.8})):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "eval_results.json").write_text(json.dumps({
+            "reward": {"eval_accuracy": 0.9}, "policies": {name: rate(both) for name, both in rates.items()}}))
+    (tmp_path / "ppo-truth").mkdir()
+    (tmp_path / "ppo-truth" / "bench_done.json").write_text(json.dumps({"duration_s": 4.0}))
+    numbers = learning.seed_numbers(args, tmp_path, 5.0)
+    assert numbers["ppo-truth - sft both_rate"] == pytest.approx(0.3)  # sampled
+    assert numbers["greedy sft both_rate"] == 0.6 and numbers["greedy ppo correct_rate"] == pytest.approx(0.6)
+    assert numbers["greedy ppo - sft both_rate"] == pytest.approx(-0.1)
+    assert numbers["greedy ppo-truth - sft both_rate"] == pytest.approx(0.2)
+    assert "greedy base both_rate" not in numbers

@@ -355,6 +355,17 @@ def test_adaptive_kl_and_score_normalisation_are_in_the_checkpoint_and_restored(
         assert [m[name] for m in resumed] == pytest.approx([m[name] for m in straight[1:]], abs=1e-6), name
 
 
+def test_kl_budget_ends_the_run_normally_once_the_recent_kl_reaches_it(env, demo_models, tmp_path, capfd):
+    out = tmp_path / "budget"
+    history, _ = ppo_main(demo_models, out, "--max_steps", "8", "--learning_rate", "1e-2", "--kl_budget", "0.05",
+                          "--lr_scheduler_type", "constant", "--save_steps", "100")
+    kls = [m["objective/kl"] for m in history]
+    recent = [sum(kls[max(0, i - 2):i + 1]) / len(kls[max(0, i - 2):i + 1]) for i in range(len(kls))]
+    assert len(history) < 8 and recent[-1] >= 0.05 and all(r < 0.05 for r in recent[:-1])  # the first step over it
+    assert f"KL budget reached at step {len(history)}" in capfd.readouterr().out
+    assert (out / "adapter_model.safetensors").exists() and (out / "ppo_curves.png").exists()  # the final policy
+
+
 def test_reward_model_with_another_tokenizer_scores_the_decoded_text(env, demo_models, tmp_path, monkeypatch,
                                                                        capfd):
     """A reward model whose tokenizer differs (two extra tokens, so the same text gets other ids): ppo.py scores
