@@ -61,6 +61,10 @@ POLICIES = ("base", "sft", "ppo")
 class LearningArguments:
     task: str = field(default="demo", metadata={"help": "demo, smollm2-synthetic or smollm2-hh."})
     seeds: int = field(default=3, metadata={"help": "How many seeds (1, 2, ...): each trains all three steps."})
+    start_seed: int = field(default=1, metadata={
+        "help": "First seed: seeds START_SEED..SEEDS run and enter the table (e.g. --start_seed 2 --seeds 2 in one "
+                "process and --start_seed 3 --seeds 3 in another, OMP_NUM_THREADS=1 each; then --seeds 3 prints "
+                "the table of all three from their finished runs)."})
     model_path: str = field(default=SMOLLM2, metadata={
         "help": "The SmolLM2-135M-Instruct the smollm2 tasks start from: a hub id or a local folder (offline: "
                 "../shared/tools/make-smollm2 OUT_DIR writes one)."})
@@ -103,6 +107,8 @@ def validate(args: LearningArguments) -> None:
         raise errors.UserError(f"--task {args.task}: use one of {', '.join(TASKS)}")
     if args.seeds < 1:
         raise errors.UserError(f"--seeds {args.seeds}: must be at least 1")
+    if not 1 <= args.start_seed <= args.seeds:
+        raise errors.UserError(f"--start_seed {args.start_seed}: must be between 1 and --seeds {args.seeds}")
     if args.best_of_n is not None and args.best_of_n < 0:
         raise errors.UserError(f"--best_of_n {args.best_of_n}: must be at least 0 (0: off)")
     if args.task == "smollm2-hh" and not Path(HH_DATA, "train.jsonl").exists():
@@ -302,10 +308,10 @@ def seed_numbers(args: LearningArguments, folder: Path, eval_seconds: float) -> 
     return numbers
 
 
-def summarise(per_seed: list[dict[str, float | None]]) -> list[list[str]]:
+def summarise(per_seed: list[dict[str, float | None]], first_seed: int = 1) -> list[list[str]]:
     """Rows of the table: quantity, mean ± std over the seeds that have a number, and each seed's value ('-' where
     a seed has none: an AUC with one class empty, a quantity a seed did not measure)."""
-    rows = [["quantity", "mean ± std"] + [f"seed {i + 1}" for i in range(len(per_seed))]]
+    rows = [["quantity", "mean ± std"] + [f"seed {first_seed + i}" for i in range(len(per_seed))]]
     for key in dict.fromkeys(key for numbers in per_seed for key in numbers):
         values = [numbers.get(key) for numbers in per_seed]
         present = [v for v in values if v is not None]
@@ -324,7 +330,7 @@ def main(args: LearningArguments) -> list[dict]:
     validate(args)
     root = Path(args.output_dir).resolve() / args.task
     per_seed = []
-    for seed in range(1, args.seeds + 1):
+    for seed in range(args.start_seed, args.seeds + 1):
         folder = root / f"seed-{seed}"
         run(train_command(args, seed, folder), folder / "logs" / "bench_train.log")
         run_extras(args, seed, folder)
@@ -332,11 +338,11 @@ def main(args: LearningArguments) -> list[dict]:
         if args.greedy:
             seconds += evaluate(args, folder, greedy=True)
         per_seed.append(seed_numbers(args, folder, seconds))
-    print(f"\n{args.task}: {args.seeds} seed(s); policies sampled at temperature 1 on {args.max_prompts} held-out "
+    print(f"\n{args.task}: seeds {args.start_seed}-{args.seeds}; policies sampled at temperature 1 on {args.max_prompts} held-out "
           "prompts; KL to the SFT policy" + (f"; sft-best-of-{best_of_n(args)}: the SFT policy's best of "
                                               f"{best_of_n(args)} answers by the reward model, its KL the analytic "
                                               "bound log N - (N-1)/N" if best_of_n(args) else ""))
-    runs.print_table(summarise(per_seed))
+    runs.print_table(summarise(per_seed, args.start_seed))
     runs.write_json(root / "learning.json", {"task": args.task, "args": vars(args), "per_seed": per_seed})
     print(f"\nall numbers: {root / 'learning.json'}")
     return per_seed

@@ -44,6 +44,7 @@ def test_eval_command_compares_base_sft_and_ppo(tmp_path):
     (dict(ppo_args="--x 'open"), "--ppo_args"),
     (dict(estimators="rloo,ppo"), "--estimators rloo,ppo: ppo is not one of gae, rloo, grpo"),
     (dict(best_of_n=-2), "--best_of_n -2: must be at least 0 (0: off)"),
+    (dict(seeds=2, start_seed=3), "--start_seed 3: must be between 1 and --seeds 2"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -72,6 +73,7 @@ def test_seed_numbers_and_the_table_over_seeds(tmp_path):
     assert rows["quantity"] == ["mean ± std", "seed 1", "seed 2"]
     assert rows["ppo - sft both_rate"] == ["0.300 ± 0.141", "0.200", "0.400"]
     assert rows["time sft (s)"] == ["10.0 ± 0.0", "10.0", "10.0"]
+    assert learning.summarise(per_seed, first_seed=2)[0] == ["quantity", "mean ± std", "seed 2", "seed 3"]
 
 
 def test_estimators_each_get_a_ppo_run_on_the_same_models_and_join_the_evaluation(tmp_path):
