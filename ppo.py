@@ -229,8 +229,6 @@ def validate(args: PPOArguments, model_args: ModelConfig) -> tuple[dict, list]:
         raise UserError(f"{flag}: PPO samples from the full distribution at --temperature (its log-probs and "
                                "KL are that distribution's); leave --top_k 0 and --top_p 1.0, and lower "
                                "--temperature for less random answers")
-    if args.kl_budget < 0:
-        raise UserError(f"--kl_budget {args.kl_budget}: must be positive (nats per sequence), or 0 for none")
     if args.max_kl is None:
         args.max_kl = float(args.response_length)  # 1 nat per token: see divergence()
     if args.critic_learning_rate is None and args.advantage_estimator == "gae":

@@ -338,10 +338,11 @@ def main(args: LearningArguments) -> list[dict]:
         if args.greedy:
             seconds += evaluate(args, folder, greedy=True)
         per_seed.append(seed_numbers(args, folder, seconds))
-    print(f"\n{args.task}: seeds {args.start_seed}-{args.seeds}; policies sampled at temperature 1 on {args.max_prompts} held-out "
-          "prompts; KL to the SFT policy" + (f"; sft-best-of-{best_of_n(args)}: the SFT policy's best of "
-                                              f"{best_of_n(args)} answers by the reward model, its KL the analytic "
-                                              "bound log N - (N-1)/N" if best_of_n(args) else ""))
+    n = best_of_n(args)
+    print(f"\n{args.task}: seeds {args.start_seed}-{args.seeds}; policies sampled at temperature 1 on "
+          f"{args.max_prompts} held-out prompts; KL to the SFT policy" +
+          (f"; sft-best-of-{n}: the SFT policy's best of {n} answers by the reward model, its KL the analytic bound "
+           "log N - (N-1)/N" if n else ""))
     runs.print_table(summarise(per_seed, args.start_seed))
     runs.write_json(root / "learning.json", {"task": args.task, "args": vars(args), "per_seed": per_seed})
     print(f"\nall numbers: {root / 'learning.json'}")

@@ -191,7 +191,8 @@ RANGES = {
     # sampling (chat.py: any temperature with --greedy true; chat.main asks for > 0 when it samples)
     "temperature": POSITIVE, "ChatArguments.temperature": NON_NEGATIVE, "top_k": NON_NEGATIVE, "top_p": Range(0, 1, low_open=True), "repetition_penalty": POSITIVE,
     # PPO
-    "kl_coef": NON_NEGATIVE, "target_kl": POSITIVE, "cliprange": POSITIVE, "cliprange_value": POSITIVE,
+    "kl_coef": NON_NEGATIVE, "kl_budget": NON_NEGATIVE, "target_kl": POSITIVE, "cliprange": POSITIVE,
+    "cliprange_value": POSITIVE,
     "vf_coef": POSITIVE, "entropy_coef": NON_NEGATIVE, "gamma": Range(0, 1), "lam": Range(0, 1),
     "missing_eos_penalty": NON_NEGATIVE, "ema_decay": Range(0, 1, high_open=True), "ptx_coef": NON_NEGATIVE,
     "max_kl": POSITIVE, "num_generations": AT_LEAST_1, "num_samples_per_prompt": AT_LEAST_1,
