@@ -47,7 +47,7 @@ TASKS = {
     "smollm2-synthetic": dict(preset="smollm2", dataset=synthetic.BUILTIN_DATASET, reward_model="sft", base=None,
                               response_length=24, best_of_n=16,
                               # The recipe's --kl_budget guards against over-optimising the learned reward model; the
-                              # ground truth cannot be over-optimised, so its runs go on for their 20 minutes.
+                              # ground truth cannot be over-optimised: its runs go on, 50 iterations (~14 min alone).
                               truth_ppo_args="--kl_budget 0 --max_steps 50"),
     "smollm2-hh": dict(preset="smollm2", dataset=HH_DATA, reward_model="recipe", base=None, response_length=48,
                        best_of_n=0,
