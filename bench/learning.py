@@ -229,8 +229,8 @@ def eval_command(args: LearningArguments, folder: Path, greedy: bool = False) ->
         extra = ["--temperature", "0.01", "--output_dir", str(folder / "eval-greedy")]
     else:
         policies.insert(0, f"base={task['base'] or args.model_path}")
-        extra = ["--output_dir", str(folder / "eval"), *(["--best_of_n", str(best_of_n(args))] if best_of_n(args)
-                                                         else [])]
+        n = best_of_n(args)
+        extra = ["--output_dir", str(folder / "eval"), *(["--best_of_n", str(n)] if n else [])]
     return [sys.executable, str(ROOT / "evaluate.py"), "--dataset_name", task["dataset"],
             "--reward_model_path", outputs["reward"], "--policies", *policies, "--max_prompts", str(args.max_prompts),
             "--response_length", str(task["response_length"]), *extra, *shlex.split(args.eval_args)]
