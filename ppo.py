@@ -514,9 +514,10 @@ def train(data_args: data.DataArguments, args: PPOArguments, model_args: ModelCo
         if args.sample_every and step % args.sample_every == 0 and accelerator.is_main_process:
             update.log_samples(run.tokenizer, sample, raw_scores, step, args.num_samples)
         recent = [m["objective/kl"] for m in history[-3:]]  # one iteration's KL is noisy: the last 3
-        if args.kl_budget and sum(recent) / len(recent) >= args.kl_budget:
-            accelerator.print(f"KL budget reached at step {step}: KL {sum(recent) / len(recent):.3f} over the last "
-                              f"{len(recent)} iterations >= --kl_budget {args.kl_budget}; the run ends here")
+        recent_kl = sum(recent) / len(recent)
+        if args.kl_budget and recent_kl >= args.kl_budget:
+            accelerator.print(f"KL budget reached at step {step}: KL {recent_kl:.3f} over the last {len(recent)} "
+                              f"iterations >= --kl_budget {args.kl_budget}; the run ends here")
             break
         stop_now = accelerator.reduce(torch.tensor(float(stop.requested), device=device), "sum").item() > 0
         if step % args.save_steps == 0 or stop_now:
